@@ -1,0 +1,102 @@
+//! Messages with their per-room offsets, and the deliveries a broker hands to an instance.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::room::{Namespace, RoomKey, RoomName, UserId};
+
+/// A message about to be published: everything but its offset, which the broker assigns.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub key: RoomKey,
+    /// Unique message id, assigned by the publishing instance.
+    pub id: String,
+    pub from: UserId,
+    /// The client's payload, kept as the JSON text it arrived in.
+    pub data: Box<RawValue>,
+    /// Publish time, unix milliseconds.
+    pub ts: i64,
+}
+
+impl Publication {
+    /// Gives the publication its place in the room.
+    pub fn at(self, offset: u64) -> Message {
+        Message {
+            namespace: self.key.namespace,
+            room: self.key.room,
+            id: self.id,
+            offset,
+            from: self.from,
+            data: self.data,
+            ts: self.ts,
+        }
+    }
+}
+
+/// A published message. Serializes as the client sees it: `{room, id, offset, from, data, ts}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    #[serde(skip)]
+    pub namespace: Namespace,
+    pub room: RoomName,
+    pub id: String,
+    /// Position in the room: 1 for the first message, +1 for each one after, without gaps.
+    pub offset: u64,
+    pub from: UserId,
+    pub data: Box<RawValue>,
+    /// Publish time, unix milliseconds.
+    pub ts: i64,
+}
+
+impl Message {
+    pub fn key(&self) -> RoomKey {
+        RoomKey::new(self.namespace.clone(), self.room.clone())
+    }
+}
+
+/// Whether a user arrived in a room or left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    Join,
+    Leave,
+}
+
+/// A user's presence transition in a room: `{room, user, status}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceChange {
+    pub room: RoomName,
+    pub user: UserId,
+    pub status: PresenceStatus,
+}
+
+/// What a room receives.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A published message with its offset; recorded in history.
+    Message(Arc<Message>),
+    /// A user joined or left the room.
+    Presence(PresenceChange),
+    /// An arbitrary event from a backend (the HTTP API or an emitter); not recorded.
+    Event { name: Arc<str>, data: Arc<RawValue> },
+}
+
+impl Payload {
+    /// The event name a Socket.IO client receives this payload under.
+    pub fn event_name(&self) -> &str {
+        match self {
+            Payload::Message(_) => "message",
+            Payload::Presence(_) => "presence",
+            Payload::Event { name, .. } => name,
+        }
+    }
+}
+
+/// One payload for the local members of one room, handed over by the broker in room order.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub key: RoomKey,
+    pub payload: Payload,
+}

@@ -1,0 +1,282 @@
+//! The shared engine test suites: every Broker and Presence implementation runs these.
+//!
+//! An engine crate invokes [`broker_test_suite!`](crate::broker_test_suite) or
+//! [`presence_test_suite!`](crate::presence_test_suite) in a test module with an async factory
+//! for a fresh engine; each test gets its own engine (and, for shared engines, its own keys).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::BoxFuture;
+use crate::broker::{Broker, DeliverySink, HistoryQuery};
+use crate::message::{Delivery, Payload, PresenceChange, PresenceStatus, Publication};
+use crate::presence::Presence;
+use crate::room::{ConnId, Namespace, RoomKey, RoomName, UserId};
+
+/// The history cap the broker factories are expected to use.
+pub const HISTORY_SIZE: usize = 5;
+
+/// A sink that records every delivery, for tests to read in order.
+pub struct Recorder(mpsc::UnboundedSender<Delivery>);
+
+impl Recorder {
+    pub fn new() -> (Arc<dyn DeliverySink>, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Recorder(tx)), rx)
+    }
+}
+
+impl DeliverySink for Recorder {
+    fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()> {
+        // A test that stopped reading no longer cares about deliveries.
+        let _ = self.0.send(delivery);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// A room in the root namespace, unique to this test run.
+pub fn key(room: &str) -> RoomKey {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let name = RoomName::new(&format!("{room}-{nanos:x}")).expect("valid test room");
+    RoomKey::new(Namespace::root(), name)
+}
+
+/// A publication to `key` with `data` as its JSON payload.
+pub fn publication(key: &RoomKey, data: &str) -> Publication {
+    Publication {
+        key: key.clone(),
+        id: format!("m-{data}"),
+        from: UserId::new("tester"),
+        data: RawValue::from_string(data.to_owned()).expect("valid test json"),
+        ts: 1,
+    }
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a delivery within 5s")
+        .expect("the broker is still delivering")
+}
+
+fn offsets(messages: &[Arc<crate::Message>]) -> Vec<u64> {
+    messages.iter().map(|m| m.offset).collect()
+}
+
+pub async fn offsets_start_at_one_and_have_no_gaps(
+    broker: Arc<dyn Broker>,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+) {
+    let key = key("offsets");
+    let other = self::key("offsets-other");
+    broker.subscribe(&key).await.expect("subscribe");
+    broker.subscribe(&other).await.expect("subscribe");
+    for i in 1..=3u64 {
+        let m = broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+        assert_eq!(m.offset, i);
+    }
+    let m = broker.publish(publication(&other, "9")).await.expect("publish");
+    assert_eq!(m.offset, 1, "each room counts on its own");
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        if let Payload::Message(m) = next(&mut rx).await.payload {
+            if m.room == key.room {
+                seen.push((m.offset, m.data.get().to_owned()));
+            }
+        }
+    }
+    assert_eq!(seen, vec![(1, "1".into()), (2, "2".into()), (3, "3".into())]);
+}
+
+pub async fn concurrent_publishes_are_delivered_in_offset_order(
+    broker: Arc<dyn Broker>,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+) {
+    let key = key("concurrent");
+    broker.subscribe(&key).await.expect("subscribe");
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let broker = broker.clone();
+            let p = publication(&key, &i.to_string());
+            tokio::spawn(async move { broker.publish(p).await.expect("publish").offset })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.expect("publisher task"));
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=50).collect::<Vec<_>>());
+    let mut delivered = Vec::new();
+    while delivered.len() < 50 {
+        if let Payload::Message(m) = next(&mut rx).await.payload {
+            delivered.push(m.offset);
+        }
+    }
+    assert_eq!(delivered, (1..=50).collect::<Vec<_>>());
+}
+
+pub async fn history_pages_by_since_and_before(
+    broker: Arc<dyn Broker>,
+    _rx: mpsc::UnboundedReceiver<Delivery>,
+) {
+    let key = key("history");
+    for i in 1..=4 {
+        broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+    }
+    let q = |since, before, limit| HistoryQuery { since, before, limit };
+    let page = broker.history(&key, q(Some(1), None, 100)).await.expect("history");
+    assert_eq!(offsets(&page.messages), vec![2, 3, 4]);
+    assert!(page.complete);
+    assert_eq!(page.position.offset, 4);
+
+    let page = broker.history(&key, q(Some(0), None, 2)).await.expect("history");
+    assert_eq!(offsets(&page.messages), vec![1, 2], "oldest first after since");
+    assert!(!page.complete, "a page cut by its limit is not the whole gap");
+
+    let page = broker.history(&key, q(None, None, 2)).await.expect("history");
+    assert_eq!(offsets(&page.messages), vec![3, 4], "newest when there is no since");
+
+    let page = broker.history(&key, q(None, Some(4), 2)).await.expect("history");
+    assert_eq!(offsets(&page.messages), vec![2, 3]);
+
+    let page = broker.history(&key, q(Some(1), Some(3), 100)).await.expect("history");
+    assert_eq!(offsets(&page.messages), vec![2]);
+
+    let page = broker.history(&key, q(Some(4), None, 100)).await.expect("history");
+    assert!(page.messages.is_empty());
+    assert!(page.complete, "nothing was missed");
+
+    let page = broker.history(&key, q(Some(9), None, 100)).await.expect("history");
+    assert!(!page.complete, "a since beyond the latest offset cannot be recovered");
+
+    let empty = broker.history(&self::key("never"), q(Some(0), None, 10)).await.expect("history");
+    assert_eq!(empty.position.offset, 0);
+    assert!(empty.messages.is_empty());
+    assert!(empty.complete);
+}
+
+pub async fn history_is_capped_and_says_when_a_gap_is_lost(
+    broker: Arc<dyn Broker>,
+    _rx: mpsc::UnboundedReceiver<Delivery>,
+) {
+    let key = key("capped");
+    let total = HISTORY_SIZE as u64 + 2;
+    for i in 1..=total {
+        broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+    }
+    let page = broker
+        .history(&key, HistoryQuery { since: Some(0), before: None, limit: 100 })
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page.messages), (3..=total).collect::<Vec<_>>());
+    assert!(!page.complete, "offsets 1 and 2 were trimmed");
+
+    let page = broker
+        .history(&key, HistoryQuery { since: Some(2), before: None, limit: 100 })
+        .await
+        .expect("history");
+    assert!(page.complete, "everything after 2 is kept");
+}
+
+pub async fn events_and_presence_reach_the_room(
+    broker: Arc<dyn Broker>,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+) {
+    let key = key("events");
+    broker.subscribe(&key).await.expect("subscribe");
+    let change = PresenceChange {
+        room: key.room.clone(),
+        user: UserId::new("u1"),
+        status: PresenceStatus::Join,
+    };
+    broker.publish_presence(key.clone(), change.clone()).await.expect("presence");
+    let data: Arc<RawValue> = RawValue::from_string("{\"a\":1}".into()).expect("json").into();
+    broker.emit(key.clone(), "alert".into(), data).await.expect("emit");
+    let first = next(&mut rx).await;
+    assert_eq!(first.key, key);
+    assert!(matches!(first.payload, Payload::Presence(ref c) if *c == change));
+    match next(&mut rx).await.payload {
+        Payload::Event { name, data } => {
+            assert_eq!(&*name, "alert");
+            assert_eq!(data.get(), "{\"a\":1}");
+        }
+        other => panic!("expected an event, got {other:?}"),
+    }
+    let page = broker
+        .history(&key, HistoryQuery { since: Some(0), before: None, limit: 10 })
+        .await
+        .expect("history");
+    assert!(page.messages.is_empty(), "events are not recorded");
+}
+
+pub async fn presence_counts_users_not_connections(presence: Arc<dyn Presence>) {
+    let key = key("presence");
+    let (alice, bob) = (UserId::new("alice"), UserId::new("bob"));
+    let (tab1, tab2, tab3) = (ConnId::new("c1"), ConnId::new("c2"), ConnId::new("c3"));
+    assert!(presence.add(&key, &alice, &tab1).await.expect("add"), "first tab arrives");
+    assert!(!presence.add(&key, &alice, &tab2).await.expect("add"), "second tab is silent");
+    assert!(presence.add(&key, &bob, &tab3).await.expect("add"));
+    assert_eq!(presence.users(&key).await.expect("users"), vec![alice.clone(), bob.clone()]);
+    assert!(!presence.remove(&key, &alice, &tab1).await.expect("remove"), "a tab is left");
+    assert!(presence.remove(&key, &alice, &tab2).await.expect("remove"), "last tab leaves");
+    assert!(!presence.remove(&key, &alice, &tab2).await.expect("remove"), "leaves once");
+    assert_eq!(presence.users(&key).await.expect("users"), vec![bob]);
+}
+
+pub async fn presence_rooms_are_independent(presence: Arc<dyn Presence>) {
+    let (a, b) = (key("presence-a"), key("presence-b"));
+    let user = UserId::new("carol");
+    let conn = ConnId::new("c1");
+    assert!(presence.add(&a, &user, &conn).await.expect("add"));
+    assert!(presence.add(&b, &user, &conn).await.expect("add"));
+    assert!(presence.remove(&a, &user, &conn).await.expect("remove"));
+    assert!(presence.users(&a).await.expect("users").is_empty());
+    assert_eq!(presence.users(&b).await.expect("users"), vec![user]);
+}
+
+/// Runs the broker suite against the broker an async factory builds for a given sink. The
+/// factory must keep [`HISTORY_SIZE`] messages per room.
+#[macro_export]
+macro_rules! broker_test_suite {
+    ($make:expr) => {
+        $crate::broker_test_suite!(@tests $make;
+            offsets_start_at_one_and_have_no_gaps,
+            concurrent_publishes_are_delivered_in_offset_order,
+            history_pages_by_since_and_before,
+            history_is_capped_and_says_when_a_gap_is_lost,
+            events_and_presence_reach_the_room);
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (sink, rx) = $crate::testsuite::Recorder::new();
+                let broker = ($make)(sink).await;
+                $crate::testsuite::$name(broker, rx).await;
+            }
+        )*
+    };
+}
+
+/// Runs the presence suite against the engine an async factory builds.
+#[macro_export]
+macro_rules! presence_test_suite {
+    ($make:expr) => {
+        $crate::presence_test_suite!(@tests $make;
+            presence_counts_users_not_connections,
+            presence_rooms_are_independent);
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let presence = ($make)().await;
+                $crate::testsuite::$name(presence).await;
+            }
+        )*
+    };
+}

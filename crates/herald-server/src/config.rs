@@ -1,0 +1,399 @@
+//! Configuration: defaults, then environment variables, then an optional TOML file, then
+//! command-line flags, each overriding the one before; validated once at start.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use herald_core::Namespace;
+use serde::Serialize;
+
+/// A setting that could not be used. Its message names the setting and the source it came
+/// from, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: invalid value {value:?}: {reason}")]
+    Invalid { source_name: String, value: String, reason: String },
+    #[error("{0}: unknown setting")]
+    Unknown(String),
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{setting}: {reason}")]
+    Rule { setting: &'static str, reason: String },
+}
+
+/// Whether clients must present a valid token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Tokens are required (the default).
+    On,
+    /// Development only: anonymous users are accepted, and loudly logged.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A secret that never appears in `check-config` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// herald's effective configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Address to listen on.
+    pub host: IpAddr,
+    pub port: u16,
+    /// This instance's name in logs, `session` events and metrics.
+    pub instance_id: String,
+    /// Socket.IO namespaces served; each is its own room space.
+    pub namespaces: Vec<Namespace>,
+    pub auth: AuthMode,
+    /// HS256 secret. Without it (and without a public key) a generated development secret is
+    /// kept in `data_dir/jwt-secret`.
+    pub jwt_secret: Option<Secret>,
+    /// RS256/ES256 public key: PEM text, or the path of a PEM file.
+    pub jwt_public_key: Option<String>,
+    /// Bearer key of the HTTP API; without it the API is off (but for loopback in dev mode).
+    pub api_key: Option<Secret>,
+    pub data_dir: PathBuf,
+    /// Messages kept per room for `join {since}` and `history`.
+    pub history_size: usize,
+    /// Largest message `data`, in bytes (JSON-encoded).
+    pub max_payload: usize,
+    /// Deliveries queued per connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 3000,
+            instance_id: default_instance_id(),
+            namespaces: vec![Namespace::root()],
+            auth: AuthMode::On,
+            jwt_secret: None,
+            jwt_public_key: None,
+            api_key: None,
+            data_dir: PathBuf::from("./data"),
+            history_size: 1000,
+            max_payload: 64 * 1024,
+            outbound_queue: 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Environment variables and the settings they set. The seeds' names (`PORT`, `JWT_SECRET`,
+/// `INSTANCE_ID`) are kept; everything else is `HERALD_…`.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("PORT", "port"),
+    ("HERALD_HOST", "host"),
+    ("INSTANCE_ID", "instance_id"),
+    ("HERALD_NAMESPACES", "namespaces"),
+    ("HERALD_AUTH", "auth"),
+    ("JWT_SECRET", "jwt_secret"),
+    ("HERALD_JWT_PUBLIC_KEY", "jwt_public_key"),
+    ("HERALD_API_KEY", "api_key"),
+    ("HERALD_DATA_DIR", "data_dir"),
+    ("HERALD_HISTORY_SIZE", "history_size"),
+    ("HERALD_MAX_PAYLOAD", "max_payload"),
+    ("HERALD_OUTBOUND_QUEUE", "outbound_queue"),
+    ("HERALD_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+    ("HERALD_LOG_FORMAT", "log_format"),
+];
+
+impl Config {
+    /// Builds the configuration from `env`, then the TOML file at `file`, then `flags`
+    /// (setting name, value), and validates it.
+    pub fn load(
+        env: &HashMap<String, String>,
+        file: Option<&Path>,
+        flags: &[(&str, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut config = Config::default();
+        for (var, key) in ENV_VARS {
+            if let Some(value) = env.get(*var).filter(|v| !v.is_empty()) {
+                config.set(key, value, var)?;
+            }
+        }
+        if let Some(path) = file {
+            config.apply_file(path)?;
+        }
+        for (key, value) in flags {
+            config.set(key, value, &format!("--{}", key.replace('_', "-")))?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sets one setting from its text form; `source_name` says where it came from in errors.
+    pub fn set(&mut self, key: &str, value: &str, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |reason: &dyn fmt::Display| ConfigError::Invalid {
+            source_name: source_name.to_owned(),
+            value: if key.contains("secret") || key == "api_key" {
+                "<redacted>".into()
+            } else {
+                value.to_owned()
+            },
+            reason: reason.to_string(),
+        };
+        match key {
+            "host" => self.host = value.parse().map_err(|e| invalid(&e))?,
+            "port" => self.port = value.parse().map_err(|e| invalid(&e))?,
+            "instance_id" => self.instance_id = value.to_owned(),
+            "namespaces" => {
+                self.namespaces = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Namespace::new)
+                    .collect();
+            }
+            "auth" => {
+                self.auth = match value {
+                    "on" | "true" | "1" => AuthMode::On,
+                    "off" | "false" | "0" => AuthMode::Off,
+                    _ => return Err(invalid(&"expected on or off")),
+                }
+            }
+            "jwt_secret" => self.jwt_secret = Some(Secret::new(value)),
+            "jwt_public_key" => self.jwt_public_key = Some(value.to_owned()),
+            "api_key" => self.api_key = Some(Secret::new(value)),
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "history_size" => self.history_size = value.parse().map_err(|e| invalid(&e))?,
+            "max_payload" => self.max_payload = parse_size(value).map_err(|e| invalid(&e))?,
+            "outbound_queue" => self.outbound_queue = value.parse().map_err(|e| invalid(&e))?,
+            "shutdown_timeout" => {
+                self.shutdown_timeout = parse_duration(value).map_err(|e| invalid(&e))?
+            }
+            "log_format" => {
+                self.log_format = match value {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err(invalid(&"expected text or json")),
+                }
+            }
+            _ => return Err(ConfigError::Unknown(source_name.to_owned())),
+        }
+        Ok(())
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let shown = path.display().to_string();
+        let file_error = |reason: String| ConfigError::File { path: shown.clone(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            file_error(e.message().to_owned())
+        })?;
+        for (key, value) in table {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            self.set(&key, &text, &format!("{shown}: {key}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the rules that span settings or bound them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rule = |setting, reason: &str| Err(ConfigError::Rule { setting, reason: reason.into() });
+        if self.namespaces.is_empty() {
+            return rule("HERALD_NAMESPACES", "at least one namespace is required");
+        }
+        if self.instance_id.trim().is_empty() {
+            return rule("INSTANCE_ID", "must not be empty");
+        }
+        if self.history_size > 1_000_000 {
+            return rule("HERALD_HISTORY_SIZE", "must be at most 1000000");
+        }
+        if self.max_payload == 0 || self.max_payload > 16 * 1024 * 1024 {
+            return rule("HERALD_MAX_PAYLOAD", "must be between 1 byte and 16MiB");
+        }
+        if self.outbound_queue == 0 {
+            return rule("HERALD_OUTBOUND_QUEUE", "must be at least 1");
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 8) {
+            return rule("JWT_SECRET", "must be at least 8 bytes");
+        }
+        if self.api_key.as_ref().is_some_and(|s| s.expose().len() < 8) {
+            return rule("HERALD_API_KEY", "must be at least 8 bytes");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, secrets redacted, for `herald check-config`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+    }
+}
+
+fn default_instance_id() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Parses "10s", "500ms", "1h" or a bare number of seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    if let Ok(secs) = value.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(value).map_err(|e| e.to_string())
+}
+
+/// Parses a byte count: "65536", "64KiB", "1MiB" (KB/MB are read as KiB/MiB).
+fn parse_size(value: &str) -> Result<usize, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let n: usize = digits.parse().map_err(|_| "expected a number of bytes".to_owned())?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("unknown unit {unit:?}")),
+    };
+    n.checked_mul(scale).ok_or_else(|| "too large".to_owned())
+}
+
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let config = Config::load(&env(&[]), None, &[]).expect("defaults are valid");
+        assert_eq!(config.port, 3000);
+        assert_eq!(config.history_size, 1000);
+        assert_eq!(config.namespaces, vec![Namespace::root()]);
+        assert_eq!(config.auth, AuthMode::On);
+    }
+
+    #[test]
+    fn seed_names_and_herald_names_are_read() {
+        let config = Config::load(
+            &env(&[
+                ("PORT", "4000"),
+                ("INSTANCE_ID", "a1"),
+                ("JWT_SECRET", "0123456789"),
+                ("HERALD_NAMESPACES", "/, events"),
+                ("HERALD_MAX_PAYLOAD", "1KiB"),
+                ("HERALD_SHUTDOWN_TIMEOUT", "2s"),
+            ]),
+            None,
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(config.port, 4000);
+        assert_eq!(config.instance_id, "a1");
+        assert_eq!(config.namespaces, vec![Namespace::root(), Namespace::new("/events")]);
+        assert_eq!(config.max_payload, 1024);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_overrides_env_and_flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, "port = 5000\nhistory_size = 7\nnamespaces = [\"/\", \"/x\"]\n")
+            .expect("write config");
+        let config = Config::load(
+            &env(&[("PORT", "4000"), ("HERALD_HISTORY_SIZE", "3")]),
+            Some(&path),
+            &[("port", "6000".into())],
+        )
+        .expect("valid");
+        assert_eq!(config.port, 6000);
+        assert_eq!(config.history_size, 7);
+        assert_eq!(config.namespaces.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_setting_is_one_clear_line_naming_it() {
+        let err = Config::load(&env(&[("PORT", "eighty")]), None, &[]).expect_err("bad port");
+        let line = err.to_string();
+        assert!(line.starts_with("PORT: invalid value \"eighty\""), "{line}");
+        assert!(!line.contains('\n'));
+
+        let err = Config::load(&env(&[("HERALD_AUTH", "maybe")]), None, &[]).expect_err("bad");
+        assert!(err.to_string().starts_with("HERALD_AUTH:"), "{err}");
+
+        let err = Config::load(&env(&[("JWT_SECRET", "short")]), None, &[]).expect_err("short");
+        assert!(err.to_string().starts_with("JWT_SECRET:"), "{err}");
+        assert!(!err.to_string().contains("short\""), "secrets are not echoed: {err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("herald-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, "prot = 5000\n").expect("write config");
+        let err = Config::load(&env(&[]), Some(&path), &[]).expect_err("typo");
+        assert!(err.to_string().contains("prot: unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn check_config_redacts_secrets() {
+        let config = Config::load(
+            &env(&[("JWT_SECRET", "supersecretvalue"), ("HERALD_API_KEY", "apikey-123456")]),
+            None,
+            &[],
+        )
+        .expect("valid");
+        let text = config.to_redacted_toml();
+        assert!(!text.contains("supersecretvalue"));
+        assert!(!text.contains("apikey-123456"));
+        assert!(text.contains("jwt_secret = \"<redacted>\""), "{text}");
+    }
+}

@@ -1,0 +1,261 @@
+//! The HTTP side: health, readiness, metrics, the publish and room APIs, and the page at `/`.
+//! Errors map to status codes in one place, [`ApiError`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herald_core::{HistoryQuery, Namespace, RoomKey, RoomName, UserId};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::config::AuthMode;
+use crate::protocol::{ClientError, DEFAULT_HISTORY_LIMIT, ErrorCode, MAX_HISTORY_LIMIT};
+
+/// Event names Socket.IO reserves, which the API refuses to emit.
+const RESERVED_EVENTS: &[&str] =
+    &["connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"];
+
+/// Builds the HTTP app (without the Socket.IO layer, which `run` adds).
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(crate::transport::ws::upgrade))
+        .route("/api/publish", post(publish))
+        .route("/api/rooms/{room}/presence", get(room_presence))
+        .route("/api/rooms/{room}/history", get(room_history))
+        .route("/api/stats", get(stats))
+        .with_state(state)
+}
+
+/// Every error the HTTP side returns, as `{ok:false, error, message}` with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("the API is disabled: set HERALD_API_KEY")]
+    Disabled,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("body is {0} bytes; the limit is {1}")]
+    TooLarge(usize, usize),
+    #[error("the server is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Disabled => (StatusCode::FORBIDDEN, "disabled"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::TooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Client(e) => {
+                let status = match e.code {
+                    ErrorCode::BadRequest | ErrorCode::InvalidRoom | ErrorCode::UnknownEvent => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
+                    ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                (status, e.code.as_str())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = json!({ "ok": false, "error": code, "message": self.to_string() });
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Proof that a request may use the API: the `HERALD_API_KEY` bearer token or, in dev mode
+/// without a key, a loopback peer.
+pub struct ApiAccess;
+
+impl FromRequestParts<Arc<AppState>> for ApiAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match &state.config.api_key {
+            Some(key) if bearer.is_some_and(|b| constant_time_eq(b.as_bytes(), key.expose().as_bytes())) => {
+                Ok(ApiAccess)
+            }
+            Some(_) => Err(ApiError::Unauthorized),
+            None => {
+                let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+                if state.config.auth == AuthMode::Off && peer.is_some_and(|ip| ip.is_loopback()) {
+                    Ok(ApiAccess)
+                } else {
+                    Err(ApiError::Disabled)
+                }
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../../../web/index.html"))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.is_cancelled() {
+        let body = json!({ "ready": false, "reason": "draining" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(json!({ "ready": true, "broker": "memory", "instance": state.hub.instance() })).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (content_type, state.metrics.render()).into_response()
+}
+
+async fn stats(_: ApiAccess, State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "instance": state.hub.instance(),
+        "connections": state.connections(),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "draining": state.draining.is_cancelled(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    room: Option<String>,
+    user: Option<String>,
+    event: Option<String>,
+    data: Option<Box<RawValue>>,
+    from: Option<String>,
+    namespace: Option<String>,
+}
+
+/// `POST /api/publish`: `{room, data}` publishes a message; `{room|user, event, data}` emits an
+/// event that is not recorded.
+async fn publish(_: ApiAccess, State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let limit = state.config.max_payload + 16 * 1024;
+    if body.len() > limit {
+        return Err(ApiError::TooLarge(body.len(), limit));
+    }
+    let request: PublishRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let namespace = namespace(&state, request.namespace.as_deref())?;
+    let data = match request.data {
+        Some(data) => data,
+        None => RawValue::from_string("null".into()).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+    };
+    if data.get().len() > state.config.max_payload {
+        return Err(ApiError::TooLarge(data.get().len(), state.config.max_payload));
+    }
+    let Some(event) = request.event else {
+        let room = request.room.ok_or_else(|| ApiError::BadRequest("room is required".into()))?;
+        let key = RoomKey::new(namespace, room_name(&room)?);
+        let from = request.from.unwrap_or_else(|| "api".into());
+        if from.is_empty() || from.len() > 128 {
+            return Err(ApiError::BadRequest("from must be 1 to 128 bytes".into()));
+        }
+        let message = state.hub.publish(key, UserId::new(from), data).await?;
+        return Ok(Json(json!({ "ok": true, "id": message.id, "offset": message.offset })));
+    };
+    if event.is_empty() || event.len() > 64 || RESERVED_EVENTS.contains(&event.as_str()) {
+        return Err(ApiError::BadRequest(format!("event {event:?} is empty, too long or reserved")));
+    }
+    let room = match (request.room, request.user) {
+        (Some(room), None) => room_name(&room)?,
+        (None, Some(user)) => RoomName::new(&format!("user:{user}"))
+            .map_err(|e| ApiError::BadRequest(format!("invalid user: {e}")))?,
+        _ => return Err(ApiError::BadRequest("give exactly one of room or user".into())),
+    };
+    state.hub.emit(RoomKey::new(namespace, room), &event, data.into()).await?;
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[derive(Deserialize)]
+struct RoomQuery {
+    namespace: Option<String>,
+    since: Option<u64>,
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn room_presence(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(query): Query<RoomQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = RoomKey::new(namespace(&state, query.namespace.as_deref())?, room_name(&room)?);
+    let users = state.hub.presence(&key).await?;
+    Ok(Json(json!({ "ok": true, "room": key.room, "users": users })))
+}
+
+async fn room_history(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(query): Query<RoomQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = RoomKey::new(namespace(&state, query.namespace.as_deref())?, room_name(&room)?);
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT).min(MAX_HISTORY_LIMIT);
+    let page = state
+        .hub
+        .history(&key, HistoryQuery { since: query.since, before: query.before, limit })
+        .await?;
+    Ok(Json(json!({
+        "ok": true,
+        "room": key.room,
+        "messages": page.messages,
+        "offset": page.position.offset,
+        "epoch": &*page.position.epoch,
+    })))
+}
+
+fn room_name(room: &str) -> Result<RoomName, ApiError> {
+    RoomName::new(room).map_err(|e| ClientError::new(ErrorCode::InvalidRoom, e.to_string()).into())
+}
+
+fn namespace(state: &AppState, given: Option<&str>) -> Result<Namespace, ApiError> {
+    let namespace = given.map_or_else(Namespace::root, Namespace::new);
+    if state.config.namespaces.contains(&namespace) {
+        Ok(namespace)
+    } else {
+        Err(ApiError::BadRequest(format!("unknown namespace {namespace}")))
+    }
+}

@@ -1,0 +1,346 @@
+//! The hub: the heart of an instance. It holds the local room index, publishes through the
+//! broker and delivers what the broker hands back to the local members of each room.
+//!
+//! The room index is split across shard tasks (one per core), each owning its rooms outright:
+//! deliveries, joins and leaves of a room are commands to its shard, handled one at a time, so
+//! every member of a room sees the same order whatever its transport, with no locks.
+
+mod shard;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use herald_core::{
+    Broker, BoxFuture, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, Message,
+    Payload, Presence, PresenceChange, PresenceStatus, Publication, RoomKey, UserId,
+};
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
+use socketioxide::extract::SocketRef;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+use crate::protocol::{ClientError, ErrorCode, MAX_HISTORY_LIMIT};
+use shard::{Shard, ShardCmd};
+
+/// Commands queued per shard before the broker waits for the shard to catch up.
+const SHARD_QUEUE: usize = 64 * 1024;
+/// How long a recovering join may take to catch up with live traffic before it gives up on
+/// the gap (and reports `recovered: false`).
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How deliveries reach one local connection.
+#[derive(Clone)]
+pub enum Sink {
+    /// Plain WebSocket: deliveries are queued to the connection's writer task. `kick` closes
+    /// the connection when its queue stays full.
+    Queue { tx: mpsc::Sender<Queued>, kick: CancellationToken },
+    /// Socket.IO: live deliveries reach the socket through its socketioxide room, one
+    /// broadcast per room; replays are emitted to the socket alone.
+    Sio(SocketRef),
+}
+
+/// What a queue-fed connection's writer receives, in one order: deliveries and the
+/// connection's own replies share the queue, so a reply never overtakes a replay.
+pub enum Queued {
+    Delivery(Arc<Outgoing>),
+    Reply(serde_json::Value),
+}
+
+/// A local connection, as the hub knows it.
+pub struct Conn {
+    pub id: ConnId,
+    pub user: UserId,
+    pub sink: Sink,
+}
+
+impl Conn {
+    /// Sends one delivery to this connection alone, waiting while its queue is full, up to
+    /// `deadline`. Used for replays, which must not be dropped.
+    async fn send(&self, out: Arc<Outgoing>, deadline: Instant) -> Result<(), ()> {
+        match &self.sink {
+            Sink::Queue { tx, .. } => {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(wait, tx.send(Queued::Delivery(out))).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(()),
+                }
+            }
+            Sink::Sio(socket) => crate::transport::sio::emit_one(socket, &out.payload, deadline).await,
+        }
+    }
+}
+
+/// One delivery, shared by every local member of the room. Each transport encodes it at most
+/// once, however many members it has.
+pub struct Outgoing {
+    pub payload: Payload,
+    /// The plain-WebSocket frame, encoded by the first WebSocket member that needs it.
+    pub(crate) ws_frame: OnceLock<axum::extract::ws::Utf8Bytes>,
+}
+
+impl Outgoing {
+    pub fn new(payload: Payload) -> Self {
+        Self { payload, ws_frame: OnceLock::new() }
+    }
+}
+
+/// The outcome of a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The latest offset the connection has been brought up to.
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// Whether every message after `since` was re-sent (false without `since`).
+    pub recovered: bool,
+}
+
+/// Routes deliveries from the broker to the shard that owns the room.
+#[derive(Clone)]
+pub struct Router {
+    shards: Arc<[mpsc::Sender<ShardCmd>]>,
+    hasher: RandomState,
+}
+
+impl Router {
+    fn shard(&self, key: &RoomKey) -> &mpsc::Sender<ShardCmd> {
+        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        &self.shards[index]
+    }
+
+    async fn call<T>(&self, key: &RoomKey, cmd: impl FnOnce(oneshot::Sender<T>) -> ShardCmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.shard(key).send(cmd(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+impl DeliverySink for Router {
+    fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.shard(&delivery.key).send(ShardCmd::Deliver(delivery)).await.is_err() {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "shutdown").increment(1);
+            }
+        })
+    }
+}
+
+/// The shards' receiving ends, waiting for [`Hub::start`].
+pub struct Shards(Vec<mpsc::Receiver<ShardCmd>>);
+
+/// Creates the router the broker delivers into, and the shards behind it.
+pub fn router(shards: usize) -> (Router, Shards) {
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..shards.max(1)).map(|_| mpsc::channel(SHARD_QUEUE)).unzip();
+    (Router { shards: senders.into(), hasher: RandomState::new() }, Shards(receivers))
+}
+
+/// The hub of one instance.
+pub struct Hub {
+    instance: Arc<str>,
+    broker: Arc<dyn Broker>,
+    presence: Arc<dyn Presence>,
+    router: Router,
+}
+
+impl Hub {
+    /// Starts the shard tasks, which run until `shutdown` is cancelled.
+    pub fn start(
+        instance: &str,
+        broker: Arc<dyn Broker>,
+        presence: Arc<dyn Presence>,
+        router: Router,
+        shards: Shards,
+        sio: Arc<OnceLock<SocketIo>>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        for rx in shards.0 {
+            tokio::spawn(Shard::new(rx, sio.clone()).run(shutdown.clone()));
+        }
+        Arc::new(Self { instance: instance.into(), broker, presence, router })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Adds `conn` to the room. With `since`, first re-sends every kept message after it, in
+    /// order, then switches the connection to live delivery with nothing missed or repeated.
+    /// With `presence`, the user's arrival is announced to the room (once per user).
+    pub async fn join(
+        &self,
+        conn: &Arc<Conn>,
+        key: RoomKey,
+        since: Option<u64>,
+        presence: bool,
+    ) -> Result<Joined, ClientError> {
+        self.broker.subscribe(&key).await.map_err(unavailable)?;
+        let conn_ref = conn.clone();
+        let recovering = since.is_some();
+        let added = self
+            .router
+            .call(&key, |reply| ShardCmd::Join { conn: conn_ref, key: key.clone(), recovering, reply })
+            .await
+            .ok_or_else(shutting_down)?;
+        if !added {
+            // Already a member: the broker subscription taken above is not needed twice.
+            self.release(&key).await;
+        }
+        let joined = match since {
+            Some(since) if added => self.recover(conn, &key, since).await?,
+            _ => {
+                let page = self.history(&key, HistoryQuery::default()).await?;
+                Joined { offset: page.position.offset, epoch: page.position.epoch, recovered: false }
+            }
+        };
+        if added && presence {
+            match self.presence.add(&key, &conn.user, &conn.id).await {
+                Ok(true) => self.announce(&key, &conn.user, PresenceStatus::Join).await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(room = %key, error = %e, "presence add failed"),
+            }
+        }
+        Ok(joined)
+    }
+
+    async fn recover(&self, conn: &Arc<Conn>, key: &RoomKey, since: u64) -> Result<Joined, ClientError> {
+        let deadline = Instant::now() + RECOVERY_DEADLINE;
+        let query = HistoryQuery { since: Some(since), before: None, limit: MAX_HISTORY_LIMIT };
+        let page = match self.broker.history(key, query).await {
+            Ok(page) => page,
+            Err(e) => {
+                // The connection must not stay in recovery: go live and report the gap.
+                self.catch_up(conn, key, 0, Instant::now()).await;
+                return Err(unavailable(e));
+            }
+        };
+        let mut last = since;
+        let mut recovered = page.complete;
+        for message in &page.messages {
+            let out = Arc::new(Outgoing::new(Payload::Message(message.clone())));
+            if conn.send(out, deadline).await.is_err() {
+                recovered = false;
+                break;
+            }
+            last = message.offset;
+        }
+        let (caught_up, last) = self.catch_up(conn, key, last, deadline).await;
+        Ok(Joined {
+            offset: last.max(page.position.offset),
+            epoch: page.position.epoch,
+            recovered: recovered && caught_up,
+        })
+    }
+
+    /// Replays what arrived for the room while `conn` was recovering, until nothing is left
+    /// and the shard switches it to live delivery. Returns whether nothing was lost, and the
+    /// last message offset sent.
+    async fn catch_up(&self, conn: &Arc<Conn>, key: &RoomKey, mut last: u64, deadline: Instant) -> (bool, u64) {
+        let mut complete = true;
+        loop {
+            let force = Instant::now() >= deadline;
+            let id = conn.id.clone();
+            let Some(batch) = self
+                .router
+                .call(key, |reply| ShardCmd::CatchUp { conn: id, key: key.clone(), force, reply })
+                .await
+            else {
+                return (false, last);
+            };
+            complete &= !batch.overflowed && !force;
+            for out in batch.pending {
+                if let Payload::Message(message) = &out.payload {
+                    if message.offset <= last {
+                        continue;
+                    }
+                    last = message.offset;
+                }
+                if conn.send(out, deadline).await.is_err() {
+                    complete = false;
+                }
+            }
+            if batch.live {
+                return (complete, last);
+            }
+        }
+    }
+
+    /// Removes `conn` from the room; with `presence`, announces the user's departure when it
+    /// was their last connection there. Returns whether it was a member.
+    pub async fn leave(&self, conn: &Conn, key: &RoomKey, presence: bool) -> bool {
+        let id = conn.id.clone();
+        let was_member = self
+            .router
+            .call(key, |reply| ShardCmd::Leave { conn: id, key: key.clone(), reply })
+            .await
+            .unwrap_or(false);
+        if !was_member {
+            return false;
+        }
+        self.release(key).await;
+        if presence {
+            match self.presence.remove(key, &conn.user, &conn.id).await {
+                Ok(true) => self.announce(key, &conn.user, PresenceStatus::Leave).await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(room = %key, error = %e, "presence remove failed"),
+            }
+        }
+        true
+    }
+
+    async fn release(&self, key: &RoomKey) {
+        if let Err(e) = self.broker.unsubscribe(key).await {
+            tracing::warn!(room = %key, error = %e, "broker unsubscribe failed");
+        }
+    }
+
+    async fn announce(&self, key: &RoomKey, user: &UserId, status: PresenceStatus) {
+        let change = PresenceChange { room: key.room.clone(), user: user.clone(), status };
+        if let Err(e) = self.broker.publish_presence(key.clone(), change).await {
+            tracing::warn!(room = %key, error = %e, "presence announcement failed");
+        }
+    }
+
+    /// Publishes a message to the room, as `from`.
+    pub async fn publish(&self, key: RoomKey, from: UserId, data: Box<RawValue>) -> Result<Arc<Message>, ClientError> {
+        let publication = Publication { key, id: uuid::Uuid::now_v7().to_string(), from, data, ts: now_ms() };
+        let message = self.broker.publish(publication).await.map_err(unavailable)?;
+        metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+        Ok(message)
+    }
+
+    /// Emits an arbitrary event to the room, without recording it.
+    pub async fn emit(&self, key: RoomKey, event: &str, data: Arc<RawValue>) -> Result<(), ClientError> {
+        self.broker.emit(key, event.into(), data).await.map_err(unavailable)
+    }
+
+    pub async fn presence(&self, key: &RoomKey) -> Result<Vec<UserId>, ClientError> {
+        self.presence
+            .users(key)
+            .await
+            .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    pub async fn history(&self, key: &RoomKey, query: HistoryQuery) -> Result<HistoryPage, ClientError> {
+        self.broker.history(key, query).await.map_err(unavailable)
+    }
+}
+
+fn unavailable(e: herald_core::BrokerError) -> ClientError {
+    ClientError::new(ErrorCode::Unavailable, e.to_string())
+}
+
+fn shutting_down() -> ClientError {
+    ClientError::new(ErrorCode::Unavailable, "the server is shutting down")
+}
+
+/// The current time in unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,153 @@
+//! The `herald` binary: parses flags, loads the configuration and runs a subcommand.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use herald_server::auth;
+use herald_server::config::{Config, parse_duration};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "A real-time messaging server: Socket.IO and plain WebSocket, rooms, presence and recovery")]
+struct Cli {
+    /// TOML configuration file; its settings override the environment.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Flags that override the environment and the file.
+#[derive(Args)]
+struct Overrides {
+    /// Port to listen on (env PORT).
+    #[arg(long, global = true)]
+    port: Option<String>,
+    /// Address to listen on (env HERALD_HOST).
+    #[arg(long, global = true)]
+    host: Option<String>,
+    /// Instance id (env INSTANCE_ID; default: the hostname).
+    #[arg(long, global = true)]
+    instance_id: Option<String>,
+    /// Comma-separated Socket.IO namespaces (env HERALD_NAMESPACES).
+    #[arg(long, global = true)]
+    namespaces: Option<String>,
+    /// on, or off for development without tokens (env HERALD_AUTH).
+    #[arg(long, global = true)]
+    auth: Option<String>,
+}
+
+impl Overrides {
+    fn pairs(self) -> Vec<(&'static str, String)> {
+        [
+            ("port", self.port),
+            ("host", self.host),
+            ("instance_id", self.instance_id),
+            ("namespaces", self.namespaces),
+            ("auth", self.auth),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve clients (the default).
+    Serve,
+    /// Mint a development JWT signed with the configured (or generated) HS256 secret.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Room patterns the token may join, comma-separated globs such as 'chat:*'.
+        #[arg(long)]
+        rooms: Option<String>,
+        /// Lifetime, such as 30m, 1h or 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Print the effective configuration, secrets redacted, and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(&env, cli.config.as_deref(), &cli.overrides.pairs()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::Token { sub, rooms, ttl } => token(&config, &sub, rooms, &ttl),
+        Command::CheckConfig => {
+            print!("{}", config.to_redacted_toml());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    herald_server::telemetry::init(config.log_format, &config.instance_id);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let addr = SocketAddr::new(config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        herald_server::run(listener, config, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
+
+fn token(config: &Config, sub: &str, rooms: Option<String>, ttl: &str) -> anyhow::Result<()> {
+    let ttl = parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let secret = match (&config.jwt_secret, &config.jwt_public_key) {
+        (Some(secret), _) => secret.clone(),
+        (None, None) => auth::dev_secret(&config.data_dir)?,
+        (None, Some(_)) => anyhow::bail!(
+            "JWT_SECRET is not set: this server verifies RS256/ES256 tokens, which your identity provider mints"
+        ),
+    };
+    let rooms = rooms.map(|r| r.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect());
+    println!("{}", auth::mint(&secret, sub, rooms, ttl)?);
+    Ok(())
+}

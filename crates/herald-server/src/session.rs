@@ -1,0 +1,133 @@
+//! A client session, whatever its transport: the rooms it is in, and what each command does.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use herald_core::{Namespace, RoomKey, RoomName};
+use serde_json::{Value, json};
+
+use crate::auth::Identity;
+use crate::hub::{Conn, Hub};
+use crate::metrics as m;
+use crate::protocol::{ClientError, Command, ErrorCode, ok_ack};
+
+/// One connection's view of the hub. Commands run one at a time, in the order they arrived.
+pub struct Session {
+    hub: Arc<Hub>,
+    conn: Arc<Conn>,
+    namespace: Namespace,
+    identity: Identity,
+    rooms: HashSet<RoomName>,
+    max_payload: usize,
+}
+
+impl Session {
+    /// Opens the session: the connection joins its personal room `user:<sub>`.
+    pub async fn open(
+        hub: Arc<Hub>,
+        conn: Arc<Conn>,
+        namespace: Namespace,
+        identity: Identity,
+        max_payload: usize,
+    ) -> Result<Self, ClientError> {
+        let mut session =
+            Self { hub, conn, namespace, identity, rooms: HashSet::new(), max_payload };
+        let personal = RoomName::personal(&session.identity.user);
+        session.hub.join(&session.conn, session.key(&personal), None, false).await?;
+        session.rooms.insert(personal);
+        Ok(session)
+    }
+
+    /// The `session` event: `{sid, user, instance}`.
+    pub fn describe(&self) -> Value {
+        json!({
+            "sid": self.conn.id.as_str(),
+            "user": self.identity.user.as_str(),
+            "instance": self.hub.instance(),
+        })
+    }
+
+    /// Runs the client event `event` and returns its ack.
+    pub async fn handle(&mut self, event: &str, payload: Value) -> Value {
+        let result = match Command::parse(event, payload, self.max_payload) {
+            Ok(command) => self.run(command).await,
+            Err(e) => Err(e),
+        };
+        result.unwrap_or_else(|e| {
+            metrics::counter!(m::EVENTS_REJECTED, "error" => e.code.as_str()).increment(1);
+            tracing::debug!(conn = %self.conn.id, user = %self.identity.user, event, error = %e, "event refused");
+            e.to_ack()
+        })
+    }
+
+    async fn run(&mut self, command: Command) -> Result<Value, ClientError> {
+        match command {
+            Command::Join { room, since } => {
+                self.check_may_join(&room)?;
+                let presence = room.owner().is_none();
+                let joined = self.hub.join(&self.conn, self.key(&room), since, presence).await?;
+                self.rooms.insert(room.clone());
+                Ok(ok_ack(json!({
+                    "room": room,
+                    "offset": joined.offset,
+                    "epoch": &*joined.epoch,
+                    "recovered": joined.recovered,
+                })))
+            }
+            Command::Leave { room } => {
+                if self.rooms.remove(&room) {
+                    let presence = room.owner().is_none();
+                    self.hub.leave(&self.conn, &self.key(&room), presence).await;
+                }
+                Ok(ok_ack(json!({ "room": room })))
+            }
+            Command::Message { room, data } => {
+                if !self.rooms.contains(&room) {
+                    return Err(ClientError::new(
+                        ErrorCode::NotMember,
+                        format!("join {room} before publishing to it"),
+                    ));
+                }
+                let key = self.key(&room);
+                let message = self.hub.publish(key, self.identity.user.clone(), data).await?;
+                Ok(ok_ack(json!({ "id": message.id, "offset": message.offset })))
+            }
+            Command::Presence { room } => {
+                self.check_may_join(&room)?;
+                let users = self.hub.presence(&self.key(&room)).await?;
+                Ok(ok_ack(json!({ "room": room, "users": users })))
+            }
+            Command::History { room, query } => {
+                self.check_may_join(&room)?;
+                let page = self.hub.history(&self.key(&room), query).await?;
+                Ok(ok_ack(json!({
+                    "room": room,
+                    "messages": page.messages,
+                    "offset": page.position.offset,
+                    "epoch": &*page.position.epoch,
+                })))
+            }
+        }
+    }
+
+    fn check_may_join(&self, room: &RoomName) -> Result<(), ClientError> {
+        if self.identity.may_join(room) {
+            Ok(())
+        } else {
+            Err(ClientError::new(ErrorCode::Forbidden, format!("not allowed to join {room}")))
+        }
+    }
+
+    fn key(&self, room: &RoomName) -> RoomKey {
+        RoomKey::new(self.namespace.clone(), room.clone())
+    }
+
+    /// Ends the session: the connection leaves every room, and the user's presence goes with
+    /// it where this was their last connection.
+    pub async fn close(mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            let presence = room.owner().is_none();
+            self.hub.leave(&self.conn, &self.key(&room), presence).await;
+        }
+    }
+}

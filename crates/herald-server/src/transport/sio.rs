@@ -1,0 +1,253 @@
+//! The Socket.IO front door (socketioxide): handshake auth, the per-socket event queue, and
+//! Socket.IO framing of hub deliveries.
+//!
+//! socketioxide sends CONNECT before an async connect handler runs, and spawns a task per
+//! incoming event, so two events sent back to back could be handled out of order, or lost
+//! before the handlers exist. herald registers its one event handler in the auth middleware,
+//! which runs before CONNECT, and that handler's extractor queues each event synchronously,
+//! in arrival order, for the socket's session task.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_core::{ConnId, Namespace, Payload, RoomKey};
+use serde::Deserialize;
+use serde_json::Value;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::handler::{FromMessage, FromMessageParts, Value as SioValue};
+use socketioxide::socket::{DisconnectReason, Socket};
+use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{AppState, ConnectionGuard};
+use crate::auth::Identity;
+use crate::hub::{Conn, Sink};
+use crate::metrics as m;
+use crate::protocol::{ClientError, ErrorCode};
+use crate::session::Session;
+
+/// Events queued per socket before new ones are refused with `overloaded`.
+const INBOX_SIZE: usize = 256;
+
+struct Inbound {
+    event: String,
+    payload: Result<Value, String>,
+    ack: AckSender,
+}
+
+/// What the auth middleware leaves on the socket for its handlers.
+#[derive(Clone)]
+struct Inbox {
+    tx: mpsc::Sender<Inbound>,
+    rx: Arc<Mutex<Option<mpsc::Receiver<Inbound>>>>,
+    identity: Identity,
+    closed: CancellationToken,
+}
+
+#[derive(Deserialize, Default)]
+struct AuthPayload {
+    token: Option<String>,
+}
+
+/// Registers every configured namespace on `io`.
+pub fn attach(io: &SocketIo, state: &Arc<AppState>) {
+    for namespace in &state.config.namespaces {
+        let (auth_state, connect_state) = (state.clone(), state.clone());
+        let ns = namespace.clone();
+        let middleware = move |socket: SocketRef, TryData(auth): TryData<AuthPayload>| {
+            let state = auth_state.clone();
+            async move { authenticate(&state, socket, auth.ok()) }
+        };
+        let handler = move |socket: SocketRef| {
+            let (state, namespace) = (connect_state.clone(), ns.clone());
+            async move { connected(state, socket, namespace).await }
+        };
+        let path = namespace.as_str().to_owned();
+        io.ns(path, socketioxide::handler::ConnectHandler::with(handler, middleware));
+    }
+}
+
+/// The handshake error every refused client sees: `connect_error` `{message: "unauthorized"}`.
+#[derive(Debug, thiserror::Error)]
+#[error("unauthorized")]
+struct Unauthorized;
+
+fn authenticate(state: &AppState, socket: SocketRef, auth: Option<AuthPayload>) -> Result<(), Unauthorized> {
+    let token = auth.and_then(|a| a.token).or_else(|| query_token(&socket));
+    let identity = state.verifier.verify(token.as_deref()).map_err(|e| {
+        metrics::counter!(m::AUTH_FAILURES, "transport" => "socketio").increment(1);
+        tracing::info!(sid = %socket.id, error = %e, "socket.io handshake refused");
+        Unauthorized
+    })?;
+    let (tx, rx) = mpsc::channel(INBOX_SIZE);
+    socket.extensions.insert(Inbox {
+        tx,
+        rx: Arc::new(Mutex::new(Some(rx))),
+        identity,
+        closed: CancellationToken::new(),
+    });
+    socket.on_fallback(async |_: Queued| {});
+    Ok(())
+}
+
+fn query_token(socket: &SocketRef) -> Option<String> {
+    let query = socket.req_parts().uri.query()?;
+    query.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("token=")?;
+        Some(percent_decode(value))
+    })
+}
+
+/// Decodes `%XX` escapes (tokens are base64url, so this is rarely needed).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Queues an incoming event for the socket's session task. It is an extractor because
+/// extractors run synchronously as each packet is read, so the queue keeps arrival order.
+struct Queued;
+
+impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
+    type Error = Infallible;
+
+    fn from_message(s: Arc<Socket>, mut v: SioValue, ack_id: Option<i64>) -> Result<Self, Infallible> {
+        let ack = match AckSender::from_message_parts(&s, &mut v, &ack_id) {
+            Ok(ack) => ack,
+            Err(never) => match never {},
+        };
+        let event = match Event::from_message_parts(&s, &mut v, &ack_id) {
+            Ok(Event(event)) => event,
+            Err(e) => {
+                reject(ack, ErrorCode::BadRequest, &format!("unreadable event: {e}"));
+                return Ok(Queued);
+            }
+        };
+        let payload = match TryData::<Value>::from_message_parts(&s, &mut v, &ack_id) {
+            Ok(TryData(data)) => data.map_err(|e| e.to_string()),
+            Err(never) => match never {},
+        };
+        let Some(inbox) = s.extensions.get::<Inbox>() else {
+            reject(ack, ErrorCode::Unavailable, "session is not ready");
+            return Ok(Queued);
+        };
+        if let Err(e) = inbox.tx.try_send(Inbound { event, payload, ack }) {
+            let (mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound)) = e;
+            reject(inbound.ack, ErrorCode::Overloaded, "too many events in flight; slow down");
+        }
+        Ok(Queued)
+    }
+}
+
+fn reject(ack: AckSender, code: ErrorCode, message: &str) {
+    metrics::counter!(m::EVENTS_REJECTED, "error" => code.as_str()).increment(1);
+    // The client may not have asked for an ack, or may be gone.
+    let _ = ack.send(&ClientError::new(code, message).to_ack());
+}
+
+async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace) {
+    let Some(inbox) = socket.extensions.get::<Inbox>() else { return };
+    let Some(mut rx) = inbox.rx.lock().ok().and_then(|mut rx| rx.take()) else { return };
+    let closed = inbox.closed.clone();
+    socket.on_disconnect(async |socket: SocketRef, reason: DisconnectReason| {
+        tracing::debug!(sid = %socket.id, %reason, "socket.io disconnected");
+        if let Some(inbox) = socket.extensions.get::<Inbox>() {
+            inbox.closed.cancel();
+        }
+    });
+    if !socket.connected() {
+        return;
+    }
+    let _guard = ConnectionGuard::new(&state, "socketio", &namespace);
+    let conn = Arc::new(Conn {
+        id: ConnId::new(socket.id.to_string()),
+        user: inbox.identity.user.clone(),
+        sink: Sink::Sio(socket.clone()),
+    });
+    let opened =
+        Session::open(state.hub.clone(), conn, namespace, inbox.identity.clone(), state.config.max_payload)
+            .await;
+    match opened {
+        Ok(mut session) => {
+            let _ = socket.emit("session", &session.describe());
+            loop {
+                let inbound = tokio::select! {
+                    inbound = rx.recv() => inbound,
+                    () = closed.cancelled() => None,
+                };
+                let Some(Inbound { event, payload, ack }) = inbound else { break };
+                let reply = match payload {
+                    Ok(payload) => session.handle(&event, payload).await,
+                    Err(e) => ClientError::new(ErrorCode::BadRequest, format!("unreadable payload: {e}")).to_ack(),
+                };
+                let _ = ack.send(&reply);
+            }
+            session.close().await;
+        }
+        Err(e) => {
+            tracing::warn!(sid = %socket.id, error = %e, "session could not open");
+            let _ = socket.clone().disconnect();
+        }
+    }
+}
+
+/// Broadcasts one delivery to the room's live Socket.IO members on this instance, encoded
+/// once. Returns how many members it could not reach.
+pub(crate) async fn emit_room(io: &SocketIo, key: &RoomKey, payload: &Payload) -> usize {
+    let Some(ns) = io.of(key.namespace.as_str()) else { return 0 };
+    let room = key.room.as_str().to_owned();
+    let result = match payload {
+        Payload::Message(message) => ns.to(room).emit("message", &**message).await,
+        Payload::Presence(change) => ns.to(room).emit("presence", change).await,
+        Payload::Event { name, data } => ns.to(room).emit(&**name, &**data).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::debug!(room = %key, error = %e, "socket.io broadcast incomplete");
+            match e {
+                socketioxide::BroadcastError::Socket(errors) => errors.len(),
+                _ => 1,
+            }
+        }
+    }
+}
+
+/// Emits one delivery to one socket, waiting (up to `deadline`) while its buffer is full.
+pub(crate) async fn emit_one(socket: &SocketRef, payload: &Payload, deadline: Instant) -> Result<(), ()> {
+    loop {
+        let sent = match payload {
+            Payload::Message(message) => socket.emit("message", &**message),
+            Payload::Presence(change) => socket.emit("presence", change),
+            Payload::Event { name, data } => socket.emit(&**name, &**data),
+        };
+        match sent {
+            Ok(()) => return Ok(()),
+            Err(SendError::Socket(SocketError::InternalChannelFull)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(_) => return Err(()),
+        }
+    }
+}
