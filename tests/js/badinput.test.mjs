@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import {
+  assertAck,
   collect,
   emitAck,
   emitAckNoArgs,
@@ -53,15 +54,27 @@ describe('bad input', { timeout: 60_000 }, () => {
   test('invalid room names → invalid_room for every room-taking event', async () => {
     const { socket } = await openClient(server);
     const bad = ['', 'x'.repeat(129), 'bad room!', 'a#b', 'tab\there', 'emoji🙂', 'ünïcode', 'semi;colon', 'q?x', 'new\nline'];
+    const attempts = (room) => [
+      ['join', room],
+      ['join', { room, since: 0 }],
+      ['leave', room],
+      ['message', { room, data: 1 }],
+      ['presence', room],
+      ['history', { room }],
+    ];
+    // Check every case before asserting, so a failure lists all deviations.
+    const got = [];
+    const want = [];
     for (const room of bad) {
       const label = JSON.stringify(room.length > 20 ? `${room.slice(0, 10)}…(${room.length})` : room);
-      assertError(await emitAck(socket, 'join', room), 'invalid_room', `join ${label}`);
-      assertError(await emitAck(socket, 'join', { room, since: 0 }), 'invalid_room', `join {room:${label}}`);
-      assertError(await emitAck(socket, 'leave', room), 'invalid_room', `leave ${label}`);
-      assertError(await emitAck(socket, 'message', { room, data: 1 }), 'invalid_room', `message ${label}`);
-      assertError(await emitAck(socket, 'presence', room), 'invalid_room', `presence ${label}`);
-      assertError(await emitAck(socket, 'history', { room }), 'invalid_room', `history ${label}`);
+      for (const [event, payload] of attempts(room)) {
+        const ack = await emitAck(socket, event, payload);
+        const shape = typeof payload === 'string' ? label : `{room:${label}}`;
+        got.push(`${event} ${shape} → ${ack?.ok === false ? ack.error : JSON.stringify(ack)}`);
+        want.push(`${event} ${shape} → invalid_room`);
+      }
     }
+    assert.deepEqual(got, want);
     assert.equal(socket.connected, true);
   });
 
@@ -69,7 +82,7 @@ describe('bad input', { timeout: 60_000 }, () => {
     const { socket } = await openClient(server);
     for (const room of ['x'.repeat(128), 'Aa0_-:.@/=+', 'a', 'user-db/shard=1+2@eu.west:9']) {
       const ack = await emitAck(socket, 'join', room);
-      assert.deepEqual(ack, { ok: true, room, offset: 0, recovered: false }, `join ${room}`);
+      assertAck(ack, { ok: true, room, offset: 0, recovered: false }, `join ${room}`);
     }
   });
 
@@ -90,9 +103,16 @@ describe('bad input', { timeout: 60_000 }, () => {
       ['history', 42],
       ['history', { room: 'ok-room', limit: 'lots' }],
     ];
+    // Check every case before asserting, so a failure lists all deviations.
+    const got = [];
     for (const [event, payload] of cases) {
-      assertError(await emitAck(socket, event, payload), 'bad_request', `${event} ${JSON.stringify(payload)}`);
+      const ack = await emitAck(socket, event, payload);
+      got.push(`${event} ${JSON.stringify(payload)} → ${ack?.ok === false ? ack.error : JSON.stringify(ack)}`);
     }
+    assert.deepEqual(
+      got,
+      cases.map(([event, payload]) => `${event} ${JSON.stringify(payload)} → bad_request`),
+    );
     assertError(await emitAckNoArgs(socket, 'join'), 'bad_request', 'join without payload');
     assertError(await emitAckNoArgs(socket, 'message'), 'bad_request', 'message without payload');
     assert.equal(socket.connected, true);

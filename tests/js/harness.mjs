@@ -10,6 +10,7 @@
 //   HERALD_BIN        path of the binary (default <repo>/target/debug/herald)
 //   HERALD_TEST_LOGS  if set, server log lines are echoed to stderr
 
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHmac, randomBytes, sign as cryptoSign } from 'node:crypto';
 import { EventEmitter } from 'node:events';
@@ -597,6 +598,18 @@ export function roomPath(room, suffix, query = {}) {
 // ---------------------------------------------------------------------------
 
 export const MESSAGE_FIELDS = ['data', 'from', 'id', 'offset', 'room', 'ts'];
+
+/**
+ * Acks and HTTP bodies are documented as `{ok:true, ...}`: assert that every
+ * documented field is present with a deep-equal value, tolerating extra
+ * fields. (Message events, presence events and the session are checked for
+ * their exact field set where they are asserted.)
+ */
+export function assertAck(actual, expected, message) {
+  const picked = {};
+  for (const k of Object.keys(expected)) if (actual !== null && typeof actual === 'object' && k in actual) picked[k] = actual[k];
+  assert.deepEqual(picked, expected, message ?? `ack ${show(actual)} should include ${show(expected)}`);
+}
 
 /** Unique room name per call so tests sharing a server never interfere. */
 export function roomName(prefix = 'room') {

@@ -5,7 +5,7 @@
 
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
-import { collect, join, openClient, openWs, roomName, startHerald } from './harness.mjs';
+import { assertAck, collect, join, openClient, openWs, roomName, startHerald } from './harness.mjs';
 
 const PER_PUBLISHER = 50;
 
@@ -19,7 +19,7 @@ describe('Socket.IO and /ws in the same room', { timeout: 90_000 }, () => {
     const room = roomName('mix-small');
     const { ws } = await openWs(server, { sub: 'ws-user' });
     const sio = await openClient(server, { sub: 'sio-user' });
-    assert.deepEqual(await ws.request({ type: 'join', room, id: 'j' }), {
+    assertAck(await ws.request({ type: 'join', room, id: 'j' }), {
       type: 'ack',
       id: 'j',
       ok: true,

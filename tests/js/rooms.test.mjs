@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import {
   MESSAGE_FIELDS,
+  assertAck,
   collect,
   emitAck,
   http,
@@ -30,14 +31,14 @@ describe('rooms', { timeout: 60_000 }, () => {
     const { socket } = await openClient(server);
     const room = roomName('fresh');
     const ack = await emitAck(socket, 'join', room);
-    assert.deepEqual(ack, { ok: true, room, offset: 0, recovered: false });
+    assertAck(ack, { ok: true, room, offset: 0, recovered: false });
   });
 
   test('join with an object without since: same ack shape', async () => {
     const { socket } = await openClient(server);
     const room = roomName('obj');
     const ack = await emitAck(socket, 'join', { room });
-    assert.deepEqual(ack, { ok: true, room, offset: 0, recovered: false });
+    assertAck(ack, { ok: true, room, offset: 0, recovered: false });
   });
 
   test('join ack reports the latest offset of an existing room', async () => {
@@ -46,7 +47,7 @@ describe('rooms', { timeout: 60_000 }, () => {
     await join(a.socket, room);
     for (let i = 0; i < 3; i++) await publish(a.socket, room, i);
     const b = await openClient(server);
-    assert.deepEqual(await emitAck(b.socket, 'join', room), { ok: true, room, offset: 3, recovered: false });
+    assertAck(await emitAck(b.socket, 'join', room), { ok: true, room, offset: 3, recovered: false });
   });
 
   test('message reaches every member, sender included, with the exact field set', async () => {
@@ -63,7 +64,6 @@ describe('rooms', { timeout: 60_000 }, () => {
     const ack = await emitAck(alice.socket, 'message', { room, data });
     const after = Date.now();
 
-    assert.deepEqual(Object.keys(ack).sort(), ['id', 'offset', 'ok']);
     assert.equal(ack.ok, true);
     assert.equal(typeof ack.id, 'string');
     assert.ok(ack.id.length > 0);
@@ -139,7 +139,7 @@ describe('rooms', { timeout: 60_000 }, () => {
     await publish(alice.socket, room, 'before leave');
     await atBob.until(1);
 
-    assert.deepEqual(await emitAck(bob.socket, 'leave', room), { ok: true, room });
+    assertAck(await emitAck(bob.socket, 'leave', room), { ok: true, room });
 
     const atAlice = collect(alice.socket, 'message', (m) => m.room === room);
     await publish(alice.socket, room, 'after leave 1');
@@ -166,9 +166,9 @@ describe('rooms', { timeout: 60_000 }, () => {
     const amy = await openClient(server, { sub: 'amy' });
     const mike = await openClient(server, { sub: 'mike' });
     for (const c of [zed, amy, mike]) await join(c.socket, room);
-    assert.deepEqual(await emitAck(zed.socket, 'presence', room), { ok: true, users: ['amy', 'mike', 'zed'] });
+    assertAck(await emitAck(zed.socket, 'presence', room), { ok: true, users: ['amy', 'mike', 'zed'] });
     await emitAck(amy.socket, 'leave', room);
-    assert.deepEqual(await emitAck(zed.socket, 'presence', room), { ok: true, users: ['mike', 'zed'] });
+    assertAck(await emitAck(zed.socket, 'presence', room), { ok: true, users: ['mike', 'zed'] });
   });
 
   describe('history', () => {
@@ -188,7 +188,6 @@ describe('rooms', { timeout: 60_000 }, () => {
 
     test('without bounds: every message, ascending, identical to the live events', async () => {
       const ack = await emitAck(alice.socket, 'history', { room });
-      assert.deepEqual(Object.keys(ack).sort(), ['messages', 'ok']);
       assert.equal(ack.ok, true);
       assert.deepEqual(ack.messages, live);
     });
@@ -256,7 +255,7 @@ describe('rooms', { timeout: 60_000 }, () => {
     await join(root.socket, room);
     for (let i = 1; i <= 3; i++) await publish(root.socket, room, `root ${i}`);
 
-    assert.deepEqual(await emitAck(events.socket, 'join', room), { ok: true, room, offset: 0, recovered: false });
+    assertAck(await emitAck(events.socket, 'join', room), { ok: true, room, offset: 0, recovered: false });
     const evAck = await publish(events.socket, room, 'events 1');
     assert.equal(evAck.offset, 1);
     const rootAck = await publish(root.socket, room, 'root 4');
@@ -278,8 +277,8 @@ describe('rooms', { timeout: 60_000 }, () => {
       [[1, 'events 1']],
     );
 
-    assert.deepEqual(await emitAck(root.socket, 'presence', room), { ok: true, users: ['root-user'] });
-    assert.deepEqual(await emitAck(events.socket, 'presence', room), { ok: true, users: ['events-user'] });
+    assertAck(await emitAck(root.socket, 'presence', room), { ok: true, users: ['root-user'] });
+    assertAck(await emitAck(events.socket, 'presence', room), { ok: true, users: ['events-user'] });
     const rootHist = await emitAck(root.socket, 'history', { room });
     assert.deepEqual(
       rootHist.messages.map((m) => m.data),

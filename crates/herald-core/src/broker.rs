@@ -71,7 +71,8 @@ pub trait DeliverySink: Send + Sync + 'static {
 pub trait Broker: Send + Sync + 'static {
     /// Assigns the next offset, records the message in history and delivers it to every
     /// subscribed instance, as one step.
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>>;
+    fn publish(&self, publication: Publication)
+    -> BoxFuture<'_, Result<Arc<Message>, BrokerError>>;
 
     /// Delivers a presence change to every subscribed instance, without recording it.
     fn publish_presence(

@@ -22,8 +22,12 @@ pub enum PresenceError {
 ///   crashed instance disappear on their own.
 pub trait Presence: Send + Sync + 'static {
     /// Records that `conn` of `user` is in the room; true if the user was not present before.
-    fn add(&self, key: &RoomKey, user: &UserId, conn: &ConnId)
-    -> BoxFuture<'_, Result<bool, PresenceError>>;
+    fn add(
+        &self,
+        key: &RoomKey,
+        user: &UserId,
+        conn: &ConnId,
+    ) -> BoxFuture<'_, Result<bool, PresenceError>>;
 
     /// Records that `conn` left the room; true if the user is no longer present.
     fn remove(

@@ -183,7 +183,12 @@ impl RoomPatterns {
 
     /// Only rooms matching one of `patterns` may be joined (none, if it is empty).
     pub fn only<S: AsRef<str>>(patterns: &[S]) -> Self {
-        Self(Some(patterns.iter().map(|p| WildMatch::new(p.as_ref())).collect()))
+        Self(Some(
+            patterns
+                .iter()
+                .map(|p| WildMatch::new(p.as_ref()))
+                .collect(),
+        ))
     }
 
     pub fn allows(&self, room: &RoomName) -> bool {
@@ -207,7 +212,10 @@ mod tests {
         assert_eq!(RoomName::new("bad room"), Err(RoomError::BadChar(' ')));
         assert_eq!(RoomName::new("x*"), Err(RoomError::BadChar('*')));
         assert!(RoomName::new(&"r".repeat(MAX_ROOM_LEN)).is_ok());
-        assert_eq!(RoomName::new(&"r".repeat(MAX_ROOM_LEN + 1)), Err(RoomError::TooLong));
+        assert_eq!(
+            RoomName::new(&"r".repeat(MAX_ROOM_LEN + 1)),
+            Err(RoomError::TooLong)
+        );
     }
 
     #[test]
@@ -215,7 +223,10 @@ mod tests {
         let room = RoomName::personal(&UserId::new("alice"));
         assert_eq!(room.as_str(), "user:alice");
         assert_eq!(room.owner(), Some("alice"));
-        assert_eq!(RoomName::new("lobby").map(|r| r.owner().is_none()), Ok(true));
+        assert_eq!(
+            RoomName::new("lobby").map(|r| r.owner().is_none()),
+            Ok(true)
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub const HISTORY_SIZE: usize = 5;
 pub struct Recorder(mpsc::UnboundedSender<Delivery>);
 
 impl Recorder {
-    pub fn new() -> (Arc<dyn DeliverySink>, mpsc::UnboundedReceiver<Delivery>) {
+    pub fn sink() -> (Arc<dyn DeliverySink>, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Arc::new(Recorder(tx)), rx)
     }
@@ -39,7 +39,10 @@ impl DeliverySink for Recorder {
 
 /// A room in the root namespace, unique to this test run.
 pub fn key(room: &str) -> RoomKey {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let name = RoomName::new(&format!("{room}-{nanos:x}")).expect("valid test room");
     RoomKey::new(Namespace::root(), name)
 }
@@ -75,20 +78,29 @@ pub async fn offsets_start_at_one_and_have_no_gaps(
     broker.subscribe(&key).await.expect("subscribe");
     broker.subscribe(&other).await.expect("subscribe");
     for i in 1..=3u64 {
-        let m = broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+        let m = broker
+            .publish(publication(&key, &i.to_string()))
+            .await
+            .expect("publish");
         assert_eq!(m.offset, i);
     }
-    let m = broker.publish(publication(&other, "9")).await.expect("publish");
+    let m = broker
+        .publish(publication(&other, "9"))
+        .await
+        .expect("publish");
     assert_eq!(m.offset, 1, "each room counts on its own");
     let mut seen = Vec::new();
     for _ in 0..4 {
-        if let Payload::Message(m) = next(&mut rx).await.payload {
-            if m.room == key.room {
-                seen.push((m.offset, m.data.get().to_owned()));
-            }
+        if let Payload::Message(m) = next(&mut rx).await.payload
+            && m.room == key.room
+        {
+            seen.push((m.offset, m.data.get().to_owned()));
         }
     }
-    assert_eq!(seen, vec![(1, "1".into()), (2, "2".into()), (3, "3".into())]);
+    assert_eq!(
+        seen,
+        vec![(1, "1".into()), (2, "2".into()), (3, "3".into())]
+    );
 }
 
 pub async fn concurrent_publishes_are_delivered_in_offset_order(
@@ -125,35 +137,80 @@ pub async fn history_pages_by_since_and_before(
 ) {
     let key = key("history");
     for i in 1..=4 {
-        broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+        broker
+            .publish(publication(&key, &i.to_string()))
+            .await
+            .expect("publish");
     }
-    let q = |since, before, limit| HistoryQuery { since, before, limit };
-    let page = broker.history(&key, q(Some(1), None, 100)).await.expect("history");
+    let q = |since, before, limit| HistoryQuery {
+        since,
+        before,
+        limit,
+    };
+    let page = broker
+        .history(&key, q(Some(1), None, 100))
+        .await
+        .expect("history");
     assert_eq!(offsets(&page.messages), vec![2, 3, 4]);
     assert!(page.complete);
     assert_eq!(page.position.offset, 4);
 
-    let page = broker.history(&key, q(Some(0), None, 2)).await.expect("history");
-    assert_eq!(offsets(&page.messages), vec![1, 2], "oldest first after since");
-    assert!(!page.complete, "a page cut by its limit is not the whole gap");
+    let page = broker
+        .history(&key, q(Some(0), None, 2))
+        .await
+        .expect("history");
+    assert_eq!(
+        offsets(&page.messages),
+        vec![1, 2],
+        "oldest first after since"
+    );
+    assert!(
+        !page.complete,
+        "a page cut by its limit is not the whole gap"
+    );
 
-    let page = broker.history(&key, q(None, None, 2)).await.expect("history");
-    assert_eq!(offsets(&page.messages), vec![3, 4], "newest when there is no since");
+    let page = broker
+        .history(&key, q(None, None, 2))
+        .await
+        .expect("history");
+    assert_eq!(
+        offsets(&page.messages),
+        vec![3, 4],
+        "newest when there is no since"
+    );
 
-    let page = broker.history(&key, q(None, Some(4), 2)).await.expect("history");
+    let page = broker
+        .history(&key, q(None, Some(4), 2))
+        .await
+        .expect("history");
     assert_eq!(offsets(&page.messages), vec![2, 3]);
 
-    let page = broker.history(&key, q(Some(1), Some(3), 100)).await.expect("history");
+    let page = broker
+        .history(&key, q(Some(1), Some(3), 100))
+        .await
+        .expect("history");
     assert_eq!(offsets(&page.messages), vec![2]);
 
-    let page = broker.history(&key, q(Some(4), None, 100)).await.expect("history");
+    let page = broker
+        .history(&key, q(Some(4), None, 100))
+        .await
+        .expect("history");
     assert!(page.messages.is_empty());
     assert!(page.complete, "nothing was missed");
 
-    let page = broker.history(&key, q(Some(9), None, 100)).await.expect("history");
-    assert!(!page.complete, "a since beyond the latest offset cannot be recovered");
+    let page = broker
+        .history(&key, q(Some(9), None, 100))
+        .await
+        .expect("history");
+    assert!(
+        !page.complete,
+        "a since beyond the latest offset cannot be recovered"
+    );
 
-    let empty = broker.history(&self::key("never"), q(Some(0), None, 10)).await.expect("history");
+    let empty = broker
+        .history(&self::key("never"), q(Some(0), None, 10))
+        .await
+        .expect("history");
     assert_eq!(empty.position.offset, 0);
     assert!(empty.messages.is_empty());
     assert!(empty.complete);
@@ -166,17 +223,34 @@ pub async fn history_is_capped_and_says_when_a_gap_is_lost(
     let key = key("capped");
     let total = HISTORY_SIZE as u64 + 2;
     for i in 1..=total {
-        broker.publish(publication(&key, &i.to_string())).await.expect("publish");
+        broker
+            .publish(publication(&key, &i.to_string()))
+            .await
+            .expect("publish");
     }
     let page = broker
-        .history(&key, HistoryQuery { since: Some(0), before: None, limit: 100 })
+        .history(
+            &key,
+            HistoryQuery {
+                since: Some(0),
+                before: None,
+                limit: 100,
+            },
+        )
         .await
         .expect("history");
     assert_eq!(offsets(&page.messages), (3..=total).collect::<Vec<_>>());
     assert!(!page.complete, "offsets 1 and 2 were trimmed");
 
     let page = broker
-        .history(&key, HistoryQuery { since: Some(2), before: None, limit: 100 })
+        .history(
+            &key,
+            HistoryQuery {
+                since: Some(2),
+                before: None,
+                limit: 100,
+            },
+        )
         .await
         .expect("history");
     assert!(page.complete, "everything after 2 is kept");
@@ -193,9 +267,17 @@ pub async fn events_and_presence_reach_the_room(
         user: UserId::new("u1"),
         status: PresenceStatus::Join,
     };
-    broker.publish_presence(key.clone(), change.clone()).await.expect("presence");
-    let data: Arc<RawValue> = RawValue::from_string("{\"a\":1}".into()).expect("json").into();
-    broker.emit(key.clone(), "alert".into(), data).await.expect("emit");
+    broker
+        .publish_presence(key.clone(), change.clone())
+        .await
+        .expect("presence");
+    let data: Arc<RawValue> = RawValue::from_string("{\"a\":1}".into())
+        .expect("json")
+        .into();
+    broker
+        .emit(key.clone(), "alert".into(), data)
+        .await
+        .expect("emit");
     let first = next(&mut rx).await;
     assert_eq!(first.key, key);
     assert!(matches!(first.payload, Payload::Presence(ref c) if *c == change));
@@ -207,7 +289,14 @@ pub async fn events_and_presence_reach_the_room(
         other => panic!("expected an event, got {other:?}"),
     }
     let page = broker
-        .history(&key, HistoryQuery { since: Some(0), before: None, limit: 10 })
+        .history(
+            &key,
+            HistoryQuery {
+                since: Some(0),
+                before: None,
+                limit: 10,
+            },
+        )
         .await
         .expect("history");
     assert!(page.messages.is_empty(), "events are not recorded");
@@ -217,13 +306,31 @@ pub async fn presence_counts_users_not_connections(presence: Arc<dyn Presence>) 
     let key = key("presence");
     let (alice, bob) = (UserId::new("alice"), UserId::new("bob"));
     let (tab1, tab2, tab3) = (ConnId::new("c1"), ConnId::new("c2"), ConnId::new("c3"));
-    assert!(presence.add(&key, &alice, &tab1).await.expect("add"), "first tab arrives");
-    assert!(!presence.add(&key, &alice, &tab2).await.expect("add"), "second tab is silent");
+    assert!(
+        presence.add(&key, &alice, &tab1).await.expect("add"),
+        "first tab arrives"
+    );
+    assert!(
+        !presence.add(&key, &alice, &tab2).await.expect("add"),
+        "second tab is silent"
+    );
     assert!(presence.add(&key, &bob, &tab3).await.expect("add"));
-    assert_eq!(presence.users(&key).await.expect("users"), vec![alice.clone(), bob.clone()]);
-    assert!(!presence.remove(&key, &alice, &tab1).await.expect("remove"), "a tab is left");
-    assert!(presence.remove(&key, &alice, &tab2).await.expect("remove"), "last tab leaves");
-    assert!(!presence.remove(&key, &alice, &tab2).await.expect("remove"), "leaves once");
+    assert_eq!(
+        presence.users(&key).await.expect("users"),
+        vec![alice.clone(), bob.clone()]
+    );
+    assert!(
+        !presence.remove(&key, &alice, &tab1).await.expect("remove"),
+        "a tab is left"
+    );
+    assert!(
+        presence.remove(&key, &alice, &tab2).await.expect("remove"),
+        "last tab leaves"
+    );
+    assert!(
+        !presence.remove(&key, &alice, &tab2).await.expect("remove"),
+        "leaves once"
+    );
     assert_eq!(presence.users(&key).await.expect("users"), vec![bob]);
 }
 
@@ -254,7 +361,7 @@ macro_rules! broker_test_suite {
         $(
             #[tokio::test]
             async fn $name() {
-                let (sink, rx) = $crate::testsuite::Recorder::new();
+                let (sink, rx) = $crate::testsuite::Recorder::sink();
                 let broker = ($make)(sink).await;
                 $crate::testsuite::$name(broker, rx).await;
             }

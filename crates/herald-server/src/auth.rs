@@ -68,7 +68,11 @@ impl Verifier {
     /// Loads the keys `config` names: the HS256 secret (or the generated development secret)
     /// and the RS256/ES256 public key.
     pub fn from_config(config: &Config) -> Result<Self, AuthError> {
-        let public = config.jwt_public_key.as_deref().map(load_public_key).transpose()?;
+        let public = config
+            .jwt_public_key
+            .as_deref()
+            .map(load_public_key)
+            .transpose()?;
         let secret = match (&config.jwt_secret, &public) {
             (Some(secret), _) => Some(secret.clone()),
             (None, None) => Some(dev_secret(&config.data_dir)?),
@@ -88,7 +92,9 @@ impl Verifier {
     /// Checks `token`. In dev mode (`HERALD_AUTH=off`) a missing or bad token yields an
     /// anonymous user instead of an error.
     pub fn verify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
-        let result = token.ok_or(AuthError::Missing).and_then(|t| self.verify_token(t));
+        let result = token
+            .ok_or(AuthError::Missing)
+            .and_then(|t| self.verify_token(t));
         match (result, self.mode) {
             (Ok(identity), _) => Ok(identity),
             (Err(_), AuthMode::Off) => Ok(Identity {
@@ -103,7 +109,11 @@ impl Verifier {
         let alg = jsonwebtoken::decode_header(token)?.alg;
         let key = match alg {
             Algorithm::HS256 => self.hmac.as_ref(),
-            _ => self.public.as_ref().filter(|(_, a)| *a == alg).map(|(k, _)| k),
+            _ => self
+                .public
+                .as_ref()
+                .filter(|(_, a)| *a == alg)
+                .map(|(k, _)| k),
         }
         .ok_or(AuthError::NoKeyFor(alg))?;
         let mut validation = Validation::new(alg);
@@ -115,7 +125,10 @@ impl Verifier {
         if claims.sub.is_empty() || RoomName::new(RoomName::personal(&user).as_str()).is_err() {
             return Err(AuthError::BadSubject(claims.sub));
         }
-        let rooms = claims.rooms.as_deref().map_or_else(RoomPatterns::any, RoomPatterns::only);
+        let rooms = claims
+            .rooms
+            .as_deref()
+            .map_or_else(RoomPatterns::any, RoomPatterns::only);
         Ok(Identity { user, rooms })
     }
 }
@@ -133,14 +146,19 @@ fn load_public_key(value: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
     if let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) {
         return Ok((key, Algorithm::ES256));
     }
-    Err(AuthError::PublicKey("not an RSA or EC (P-256) public key in PEM form".into()))
+    Err(AuthError::PublicKey(
+        "not an RSA or EC (P-256) public key in PEM form".into(),
+    ))
 }
 
 /// The secret in `data_dir/jwt-secret`, created with 32 random bytes on first use, so that a
 /// development server and `herald token` agree without anyone choosing a secret.
 pub fn dev_secret(data_dir: &Path) -> Result<Secret, AuthError> {
     let path = data_dir.join("jwt-secret");
-    let fail = |reason: String| AuthError::DevSecret { path: path.display().to_string(), reason };
+    let fail = |reason: String| AuthError::DevSecret {
+        path: path.display().to_string(),
+        reason,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => return Ok(Secret::new(text.trim())),
         Ok(_) => {}
@@ -157,8 +175,12 @@ pub fn dev_secret(data_dir: &Path) -> Result<Secret, AuthError> {
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents.as_bytes())
 }
 
@@ -174,10 +196,22 @@ pub fn mint(
     rooms: Option<Vec<String>>,
     ttl: Duration,
 ) -> Result<String, AuthError> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let claims = Claims { sub: sub.to_owned(), exp: now + ttl.as_secs(), iat: Some(now), rooms };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl.as_secs(),
+        iat: Some(now),
+        rooms,
+    };
     let key = EncodingKey::from_secret(secret.expose().as_bytes());
-    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)?)
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &key,
+    )?)
 }
 
 #[cfg(test)]
@@ -186,7 +220,11 @@ mod tests {
 
     fn verifier(mode: AuthMode) -> (Verifier, Secret) {
         let secret = Secret::new("test-secret-123");
-        let config = Config { jwt_secret: Some(secret.clone()), auth: mode, ..Config::default() };
+        let config = Config {
+            jwt_secret: Some(secret.clone()),
+            auth: mode,
+            ..Config::default()
+        };
         (Verifier::from_config(&config).expect("keys"), secret)
     }
 
@@ -197,8 +235,13 @@ mod tests {
     #[test]
     fn minted_tokens_verify_with_their_rooms() {
         let (v, secret) = verifier(AuthMode::On);
-        let token = mint(&secret, "alice", Some(vec!["chat:*".into()]), Duration::from_secs(60))
-            .expect("mint");
+        let token = mint(
+            &secret,
+            "alice",
+            Some(vec!["chat:*".into()]),
+            Duration::from_secs(60),
+        )
+        .expect("mint");
         let id = v.verify(Some(&token)).expect("valid token");
         assert_eq!(id.user.as_str(), "alice");
         assert!(id.may_join(&room("chat:1")));
@@ -210,8 +253,13 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         let (v, _) = verifier(AuthMode::On);
-        let other = mint(&Secret::new("another-secret"), "eve", None, Duration::from_secs(60))
-            .expect("mint");
+        let other = mint(
+            &Secret::new("another-secret"),
+            "eve",
+            None,
+            Duration::from_secs(60),
+        )
+        .expect("mint");
         assert!(matches!(v.verify(Some(&other)), Err(AuthError::Invalid(_))));
         assert!(matches!(v.verify(None), Err(AuthError::Missing)));
         assert!(v.verify(Some("not-a-jwt")).is_err());
@@ -220,8 +268,16 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let (v, secret) = verifier(AuthMode::On);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
-        let claims = Claims { sub: "bob".into(), exp: now - 5, iat: None, rooms: None };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let claims = Claims {
+            sub: "bob".into(),
+            exp: now - 5,
+            iat: None,
+            rooms: None,
+        };
         let key = EncodingKey::from_secret(secret.expose().as_bytes());
         let token = jsonwebtoken::encode(&Header::default(), &claims, &key).expect("encode");
         assert!(v.verify(Some(&token)).is_err());
@@ -231,7 +287,10 @@ mod tests {
     fn subjects_must_make_valid_room_names() {
         let (v, secret) = verifier(AuthMode::On);
         let token = mint(&secret, "bad user#1", None, Duration::from_secs(60)).expect("mint");
-        assert!(matches!(v.verify(Some(&token)), Err(AuthError::BadSubject(_))));
+        assert!(matches!(
+            v.verify(Some(&token)),
+            Err(AuthError::BadSubject(_))
+        ));
     }
 
     #[test]

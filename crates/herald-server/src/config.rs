@@ -15,13 +15,20 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{source_name}: invalid value {value:?}: {reason}")]
-    Invalid { source_name: String, value: String, reason: String },
+    Invalid {
+        source_name: String,
+        value: String,
+        reason: String,
+    },
     #[error("{0}: unknown setting")]
     Unknown(String),
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
     #[error("{setting}: {reason}")]
-    Rule { setting: &'static str, reason: String },
+    Rule {
+        setting: &'static str,
+        reason: String,
+    },
 }
 
 /// Whether clients must present a valid token.
@@ -215,11 +222,14 @@ impl Config {
 
     fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
         let shown = path.display().to_string();
-        let file_error = |reason: String| ConfigError::File { path: shown.clone(), reason };
+        let file_error = |reason: String| ConfigError::File {
+            path: shown.clone(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            file_error(e.message().to_owned())
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
         for (key, value) in table {
             let text = match value {
                 toml::Value::String(s) => s,
@@ -227,7 +237,11 @@ impl Config {
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Array(items) => items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
                     .collect::<Vec<_>>()
                     .join(","),
                 other => other.to_string(),
@@ -239,7 +253,12 @@ impl Config {
 
     /// Checks the rules that span settings or bound them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let rule = |setting, reason: &str| Err(ConfigError::Rule { setting, reason: reason.into() });
+        let rule = |setting, reason: &str| {
+            Err(ConfigError::Rule {
+                setting,
+                reason: reason.into(),
+            })
+        };
         if self.namespaces.is_empty() {
             return rule("HERALD_NAMESPACES", "at least one namespace is required");
         }
@@ -255,7 +274,11 @@ impl Config {
         if self.outbound_queue == 0 {
             return rule("HERALD_OUTBOUND_QUEUE", "must be at least 1");
         }
-        if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 8) {
+        if self
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 8)
+        {
             return rule("JWT_SECRET", "must be at least 8 bytes");
         }
         if self.api_key.as_ref().is_some_and(|s| s.expose().len() < 8) {
@@ -285,9 +308,13 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 /// Parses a byte count: "65536", "64KiB", "1MiB" (KB/MB are read as KiB/MiB).
 fn parse_size(value: &str) -> Result<usize, String> {
     let value = value.trim();
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (digits, unit) = value.split_at(split);
-    let n: usize = digits.parse().map_err(|_| "expected a number of bytes".to_owned())?;
+    let n: usize = digits
+        .parse()
+        .map_err(|_| "expected a number of bytes".to_owned())?;
     let scale = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1024,
@@ -306,7 +333,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -335,7 +365,10 @@ mod tests {
         .expect("valid");
         assert_eq!(config.port, 4000);
         assert_eq!(config.instance_id, "a1");
-        assert_eq!(config.namespaces, vec![Namespace::root(), Namespace::new("/events")]);
+        assert_eq!(
+            config.namespaces,
+            vec![Namespace::root(), Namespace::new("/events")]
+        );
         assert_eq!(config.max_payload, 1024);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(2));
     }
@@ -345,8 +378,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("herald.toml");
-        std::fs::write(&path, "port = 5000\nhistory_size = 7\nnamespaces = [\"/\", \"/x\"]\n")
-            .expect("write config");
+        std::fs::write(
+            &path,
+            "port = 5000\nhistory_size = 7\nnamespaces = [\"/\", \"/x\"]\n",
+        )
+        .expect("write config");
         let config = Config::load(
             &env(&[("PORT", "4000"), ("HERALD_HISTORY_SIZE", "3")]),
             Some(&path),
@@ -370,7 +406,10 @@ mod tests {
 
         let err = Config::load(&env(&[("JWT_SECRET", "short")]), None, &[]).expect_err("short");
         assert!(err.to_string().starts_with("JWT_SECRET:"), "{err}");
-        assert!(!err.to_string().contains("short\""), "secrets are not echoed: {err}");
+        assert!(
+            !err.to_string().contains("short\""),
+            "secrets are not echoed: {err}"
+        );
     }
 
     #[test]
@@ -386,7 +425,10 @@ mod tests {
     #[test]
     fn check_config_redacts_secrets() {
         let config = Config::load(
-            &env(&[("JWT_SECRET", "supersecretvalue"), ("HERALD_API_KEY", "apikey-123456")]),
+            &env(&[
+                ("JWT_SECRET", "supersecretvalue"),
+                ("HERALD_API_KEY", "apikey-123456"),
+            ]),
             None,
             &[],
         )

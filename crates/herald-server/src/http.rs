@@ -21,8 +21,14 @@ use crate::config::AuthMode;
 use crate::protocol::{ClientError, DEFAULT_HISTORY_LIMIT, ErrorCode, MAX_HISTORY_LIMIT};
 
 /// Event names Socket.IO reserves, which the API refuses to emit.
-const RESERVED_EVENTS: &[&str] =
-    &["connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"];
+const RESERVED_EVENTS: &[&str] = &[
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+];
 
 /// Builds the HTTP app (without the Socket.IO layer, which `run` adds).
 pub fn app(state: Arc<AppState>) -> Router {
@@ -86,7 +92,10 @@ impl IntoResponse for ApiError {
         let body = json!({ "ok": false, "error": code, "message": self.to_string() });
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }
@@ -99,19 +108,28 @@ pub struct ApiAccess;
 impl FromRequestParts<Arc<AppState>> for ApiAccess {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
         let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match &state.config.api_key {
-            Some(key) if bearer.is_some_and(|b| constant_time_eq(b.as_bytes(), key.expose().as_bytes())) => {
+            Some(key)
+                if bearer
+                    .is_some_and(|b| constant_time_eq(b.as_bytes(), key.expose().as_bytes())) =>
+            {
                 Ok(ApiAccess)
             }
             Some(_) => Err(ApiError::Unauthorized),
             None => {
-                let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+                let peer = parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
                 if state.config.auth == AuthMode::Off && peer.is_some_and(|ip| ip.is_loopback()) {
                     Ok(ApiAccess)
                 } else {
@@ -139,7 +157,8 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         let body = json!({ "ready": false, "reason": "draining" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    Json(json!({ "ready": true, "broker": "memory", "instance": state.hub.instance() })).into_response()
+    Json(json!({ "ready": true, "broker": "memory", "instance": state.hub.instance() }))
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -169,41 +188,63 @@ struct PublishRequest {
 
 /// `POST /api/publish`: `{room, data}` publishes a message; `{room|user, event, data}` emits an
 /// event that is not recorded.
-async fn publish(_: ApiAccess, State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn publish(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let limit = state.config.max_payload + 16 * 1024;
     if body.len() > limit {
         return Err(ApiError::TooLarge(body.len(), limit));
     }
-    let request: PublishRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let request: PublishRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     let namespace = namespace(&state, request.namespace.as_deref())?;
     let data = match request.data {
         Some(data) => data,
-        None => RawValue::from_string("null".into()).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        None => {
+            RawValue::from_string("null".into()).map_err(|e| ApiError::BadRequest(e.to_string()))?
+        }
     };
     if data.get().len() > state.config.max_payload {
-        return Err(ApiError::TooLarge(data.get().len(), state.config.max_payload));
+        return Err(ApiError::TooLarge(
+            data.get().len(),
+            state.config.max_payload,
+        ));
     }
     let Some(event) = request.event else {
-        let room = request.room.ok_or_else(|| ApiError::BadRequest("room is required".into()))?;
+        let room = request
+            .room
+            .ok_or_else(|| ApiError::BadRequest("room is required".into()))?;
         let key = RoomKey::new(namespace, room_name(&room)?);
         let from = request.from.unwrap_or_else(|| "api".into());
         if from.is_empty() || from.len() > 128 {
             return Err(ApiError::BadRequest("from must be 1 to 128 bytes".into()));
         }
         let message = state.hub.publish(key, UserId::new(from), data).await?;
-        return Ok(Json(json!({ "ok": true, "id": message.id, "offset": message.offset })));
+        return Ok(Json(
+            json!({ "ok": true, "id": message.id, "offset": message.offset }),
+        ));
     };
     if event.is_empty() || event.len() > 64 || RESERVED_EVENTS.contains(&event.as_str()) {
-        return Err(ApiError::BadRequest(format!("event {event:?} is empty, too long or reserved")));
+        return Err(ApiError::BadRequest(format!(
+            "event {event:?} is empty, too long or reserved"
+        )));
     }
     let room = match (request.room, request.user) {
         (Some(room), None) => room_name(&room)?,
         (None, Some(user)) => RoomName::new(&format!("user:{user}"))
             .map_err(|e| ApiError::BadRequest(format!("invalid user: {e}")))?,
-        _ => return Err(ApiError::BadRequest("give exactly one of room or user".into())),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of room or user".into(),
+            ));
+        }
     };
-    state.hub.emit(RoomKey::new(namespace, room), &event, data.into()).await?;
+    state
+        .hub
+        .emit(RoomKey::new(namespace, room), &event, data.into())
+        .await?;
     Ok(Json(json!({ "ok": true })))
 }
 
@@ -221,9 +262,14 @@ async fn room_presence(
     Path(room): Path<String>,
     Query(query): Query<RoomQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = RoomKey::new(namespace(&state, query.namespace.as_deref())?, room_name(&room)?);
+    let key = RoomKey::new(
+        namespace(&state, query.namespace.as_deref())?,
+        room_name(&room)?,
+    );
     let users = state.hub.presence(&key).await?;
-    Ok(Json(json!({ "ok": true, "room": key.room, "users": users })))
+    Ok(Json(
+        json!({ "ok": true, "room": key.room, "users": users }),
+    ))
 }
 
 async fn room_history(
@@ -232,11 +278,24 @@ async fn room_history(
     Path(room): Path<String>,
     Query(query): Query<RoomQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = RoomKey::new(namespace(&state, query.namespace.as_deref())?, room_name(&room)?);
-    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT).min(MAX_HISTORY_LIMIT);
+    let key = RoomKey::new(
+        namespace(&state, query.namespace.as_deref())?,
+        room_name(&room)?,
+    );
+    let limit = query
+        .limit
+        .unwrap_or(DEFAULT_HISTORY_LIMIT)
+        .min(MAX_HISTORY_LIMIT);
     let page = state
         .hub
-        .history(&key, HistoryQuery { since: query.since, before: query.before, limit })
+        .history(
+            &key,
+            HistoryQuery {
+                since: query.since,
+                before: query.before,
+                limit,
+            },
+        )
         .await?;
     Ok(Json(json!({
         "ok": true,
@@ -256,6 +315,8 @@ fn namespace(state: &AppState, given: Option<&str>) -> Result<Namespace, ApiErro
     if state.config.namespaces.contains(&namespace) {
         Ok(namespace)
     } else {
-        Err(ApiError::BadRequest(format!("unknown namespace {namespace}")))
+        Err(ApiError::BadRequest(format!(
+            "unknown namespace {namespace}"
+        )))
     }
 }

@@ -79,10 +79,17 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn new(state: &Arc<AppState>, transport: &'static str, namespace: &Namespace) -> Self {
-        let labels = [("transport", transport.to_owned()), ("namespace", namespace.to_string())];
+        let labels = [
+            ("transport", transport.to_owned()),
+            ("namespace", namespace.to_string()),
+        ];
         ::metrics::gauge!(metrics::CONNECTIONS, &labels).increment(1);
         state.connections.fetch_add(1, Ordering::Relaxed);
-        Self { state: state.clone(), labels, _session: state.sessions.token() }
+        Self {
+            state: state.clone(),
+            labels,
+            _session: state.sessions.token(),
+        }
     }
 }
 
@@ -105,16 +112,25 @@ pub fn random_id(len: usize) -> String {
             *b = (seed.rotate_left(i as u32 * 7) & 0xff) as u8;
         }
     }
-    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// Serves herald on `listener` until `shutdown` resolves, then drains: reports not-ready,
 /// closes every client transport so that clients reconnect elsewhere, and waits for sessions
 /// to end, up to the configured timeout.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let verifier = Verifier::from_config(&config).context("loading JWT keys")?;
     if config.auth == AuthMode::Off {
-        tracing::warn!("HERALD_AUTH=off: anyone can connect without a token; never run this in production");
+        tracing::warn!(
+            "HERALD_AUTH=off: anyone can connect without a token; never run this in production"
+        );
     } else if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
         tracing::warn!(
             path = %config.data_dir.join("jwt-secret").display(),
@@ -125,9 +141,20 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let stop_engines = CancellationToken::new();
     let sio_cell = Arc::new(OnceLock::new());
     let (router, shards) = hub::router(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(config.history_size, Arc::new(router.clone())));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
+        config.history_size,
+        Arc::new(router.clone()),
+    ));
     let presence = Arc::new(MemoryPresence::new());
-    let hub = Hub::start(&config.instance_id, broker, presence, router, shards, sio_cell.clone(), stop_engines.clone());
+    let hub = Hub::start(
+        &config.instance_id,
+        broker,
+        presence,
+        router,
+        shards,
+        sio_cell.clone(),
+        stop_engines.clone(),
+    );
 
     let state = Arc::new(AppState {
         config,
@@ -147,21 +174,36 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let _ = sio_cell.set(io.clone());
 
     let app = http::app(state.clone()).layer(sio_layer);
-    let addr = listener.local_addr().context("reading the listener's address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
     tracing::info!(%addr, "herald listening");
     let draining = state.draining.clone();
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { draining.cancelled().await });
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { draining.cancelled().await });
     let server = tokio::spawn(async move { server.await });
 
     shutdown.await;
     let timeout = state.config.shutdown_timeout;
-    tracing::info!(?timeout, connections = state.connections(), "shutting down: draining connections");
+    tracing::info!(
+        ?timeout,
+        connections = state.connections(),
+        "shutting down: draining connections"
+    );
     state.draining.cancel();
     io.close().await;
     state.sessions.close();
-    if tokio::time::timeout(timeout, state.sessions.wait()).await.is_err() {
-        tracing::warn!(left = state.connections(), "shutdown timeout reached with connections still open");
+    if tokio::time::timeout(timeout, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.connections(),
+            "shutdown timeout reached with connections still open"
+        );
     }
     stop_engines.cancel();
     match tokio::time::timeout(timeout, server).await {

@@ -11,7 +11,11 @@ use herald_server::auth;
 use herald_server::config::{Config, parse_duration};
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "A real-time messaging server: Socket.IO and plain WebSocket, rooms, presence and recovery")]
+#[command(
+    name = "herald",
+    version,
+    about = "A real-time messaging server: Socket.IO and plain WebSocket, rooms, presence and recovery"
+)]
 struct Cli {
     /// TOML configuration file; its settings override the environment.
     #[arg(long, global = true, value_name = "FILE")]
@@ -109,7 +113,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let addr = SocketAddr::new(config.host, config.port);
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         herald_server::run(listener, config, shutdown_signal()).await
     })
 }
@@ -147,7 +153,12 @@ fn token(config: &Config, sub: &str, rooms: Option<String>, ttl: &str) -> anyhow
             "JWT_SECRET is not set: this server verifies RS256/ES256 tokens, which your identity provider mints"
         ),
     };
-    let rooms = rooms.map(|r| r.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect());
+    let rooms = rooms.map(|r| {
+        r.split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()
+    });
     println!("{}", auth::mint(&secret, sub, rooms, ttl)?);
     Ok(())
 }

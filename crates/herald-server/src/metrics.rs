@@ -19,7 +19,9 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ];
             // Only an empty bucket list is refused, and this one is not.
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), &buckets)
@@ -31,7 +33,13 @@ pub fn install() -> PrometheusHandle {
             }
             describe();
             // Scrapers see every series from the first scrape, at zero.
-            for name in [MESSAGES_PUBLISHED, MESSAGES_DELIVERED, EVENTS_REJECTED, AUTH_FAILURES, SLOW_CONSUMER_DISCONNECTS] {
+            for name in [
+                MESSAGES_PUBLISHED,
+                MESSAGES_DELIVERED,
+                EVENTS_REJECTED,
+                AUTH_FAILURES,
+                SLOW_CONSUMER_DISCONNECTS,
+            ] {
                 metrics::counter!(name).absolute(0);
             }
             metrics::gauge!(ROOMS).set(0.0);
@@ -41,13 +49,29 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(CONNECTIONS, "Open client connections, by transport and namespace");
+    describe_gauge!(
+        CONNECTIONS,
+        "Open client connections, by transport and namespace"
+    );
     describe_gauge!(ROOMS, "Rooms with at least one local member");
-    describe_counter!(MESSAGES_PUBLISHED, "Messages published through this instance");
+    describe_counter!(
+        MESSAGES_PUBLISHED,
+        "Messages published through this instance"
+    );
     describe_counter!(MESSAGES_DELIVERED, "Deliveries to local connections");
     describe_counter!(MESSAGES_DROPPED, "Deliveries dropped, by reason");
-    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "Publish-to-local-delivery latency");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Publish-to-local-delivery latency"
+    );
     describe_counter!(EVENTS_REJECTED, "Client events refused, by error code");
-    describe_counter!(AUTH_FAILURES, "Handshakes refused for a bad, missing or expired token");
-    describe_counter!(SLOW_CONSUMER_DISCONNECTS, "Connections closed because they fell behind");
+    describe_counter!(
+        AUTH_FAILURES,
+        "Handshakes refused for a bad, missing or expired token"
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Connections closed because they fell behind"
+    );
 }

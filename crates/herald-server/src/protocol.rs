@@ -48,7 +48,10 @@ pub struct ClientError {
 
 impl ClientError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The ack a client receives for this error.
@@ -78,8 +81,12 @@ impl Command {
                 let since = offset_field(&fields, "since")?;
                 Ok(Command::Join { room, since })
             }
-            "leave" => Ok(Command::Leave { room: room_field(&mut room_or_object(payload)?)? }),
-            "presence" => Ok(Command::Presence { room: room_field(&mut room_or_object(payload)?)? }),
+            "leave" => Ok(Command::Leave {
+                room: room_field(&mut room_or_object(payload)?)?,
+            }),
+            "presence" => Ok(Command::Presence {
+                room: room_field(&mut room_or_object(payload)?)?,
+            }),
             "message" => {
                 let Value::Object(mut fields) = payload else {
                     return Err(bad_request("message takes an object {room, data}"));
@@ -91,7 +98,10 @@ impl Command {
                 if data.get().len() > max_payload {
                     return Err(ClientError::new(
                         ErrorCode::PayloadTooLarge,
-                        format!("data is {} bytes; the limit is {max_payload}", data.get().len()),
+                        format!(
+                            "data is {} bytes; the limit is {max_payload}",
+                            data.get().len()
+                        ),
                     ));
                 }
                 Ok(Command::Message { room, data })
@@ -99,8 +109,9 @@ impl Command {
             "history" => {
                 let mut fields = room_or_object(payload)?;
                 let room = room_field(&mut fields)?;
-                let limit = offset_field(&fields, "limit")?
-                    .map_or(DEFAULT_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
+                let limit = offset_field(&fields, "limit")?.map_or(DEFAULT_HISTORY_LIMIT, |l| {
+                    (l as usize).min(MAX_HISTORY_LIMIT)
+                });
                 let query = HistoryQuery {
                     since: offset_field(&fields, "since")?,
                     before: offset_field(&fields, "before")?,
@@ -110,7 +121,9 @@ impl Command {
             }
             other => Err(ClientError::new(
                 ErrorCode::UnknownEvent,
-                format!("unknown event {other:?}; expected join, leave, message, presence or history"),
+                format!(
+                    "unknown event {other:?}; expected join, leave, message, presence or history"
+                ),
             )),
         }
     }
@@ -132,7 +145,10 @@ fn room_field(fields: &mut Map<String, Value>) -> Result<RoomName, ClientError> 
     match fields.remove("room") {
         Some(Value::String(name)) => RoomName::new(&name)
             .map_err(|e| ClientError::new(ErrorCode::InvalidRoom, e.to_string())),
-        Some(_) => Err(ClientError::new(ErrorCode::InvalidRoom, "room must be a string")),
+        Some(_) => Err(ClientError::new(
+            ErrorCode::InvalidRoom,
+            "room must be a string",
+        )),
         None => Err(bad_request("room is required")),
     }
 }
@@ -176,14 +192,26 @@ mod tests {
         ));
         assert_eq!(code(Command::parse("join", json!({}), 10)), "bad_request");
         assert_eq!(code(Command::parse("join", json!(42), 10)), "bad_request");
-        assert_eq!(code(Command::parse("join", json!("a#b"), 10)), "invalid_room");
-        assert_eq!(code(Command::parse("join", json!({"room": "a", "since": -1}), 10)), "bad_request");
+        assert_eq!(
+            code(Command::parse("join", json!("a#b"), 10)),
+            "invalid_room"
+        );
+        assert_eq!(
+            code(Command::parse(
+                "join",
+                json!({"room": "a", "since": -1}),
+                10
+            )),
+            "bad_request"
+        );
     }
 
     #[test]
     fn message_data_is_bounded() {
         let ok = Command::parse("message", json!({"room": "r", "data": "12345678"}), 10);
-        assert!(matches!(ok, Ok(Command::Message { ref data, .. }) if data.get() == "\"12345678\""));
+        assert!(
+            matches!(ok, Ok(Command::Message { ref data, .. }) if data.get() == "\"12345678\"")
+        );
         let big = Command::parse("message", json!({"room": "r", "data": "123456789"}), 10);
         assert_eq!(code(big), "payload_too_large");
         assert_eq!(code(Command::parse("message", json!(3), 10)), "bad_request");
@@ -192,9 +220,13 @@ mod tests {
     #[test]
     fn history_limits_are_capped() {
         let parsed = Command::parse("history", json!({"room": "r", "limit": 1_000_000}), 10);
-        assert!(matches!(parsed, Ok(Command::History { query, .. }) if query.limit == MAX_HISTORY_LIMIT));
+        assert!(
+            matches!(parsed, Ok(Command::History { query, .. }) if query.limit == MAX_HISTORY_LIMIT)
+        );
         let parsed = Command::parse("history", json!("r"), 10);
-        assert!(matches!(parsed, Ok(Command::History { query, .. }) if query.limit == DEFAULT_HISTORY_LIMIT));
+        assert!(
+            matches!(parsed, Ok(Command::History { query, .. }) if query.limit == DEFAULT_HISTORY_LIMIT)
+        );
     }
 
     #[test]

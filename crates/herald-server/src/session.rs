@@ -30,10 +30,19 @@ impl Session {
         identity: Identity,
         max_payload: usize,
     ) -> Result<Self, ClientError> {
-        let mut session =
-            Self { hub, conn, namespace, identity, rooms: HashSet::new(), max_payload };
+        let mut session = Self {
+            hub,
+            conn,
+            namespace,
+            identity,
+            rooms: HashSet::new(),
+            max_payload,
+        };
         let personal = RoomName::personal(&session.identity.user);
-        session.hub.join(&session.conn, session.key(&personal), None, false).await?;
+        session
+            .hub
+            .join(&session.conn, session.key(&personal), None, false)
+            .await?;
         session.rooms.insert(personal);
         Ok(session)
     }
@@ -65,7 +74,10 @@ impl Session {
             Command::Join { room, since } => {
                 self.check_may_join(&room)?;
                 let presence = room.owner().is_none();
-                let joined = self.hub.join(&self.conn, self.key(&room), since, presence).await?;
+                let joined = self
+                    .hub
+                    .join(&self.conn, self.key(&room), since, presence)
+                    .await?;
                 self.rooms.insert(room.clone());
                 Ok(ok_ack(json!({
                     "room": room,
@@ -89,8 +101,13 @@ impl Session {
                     ));
                 }
                 let key = self.key(&room);
-                let message = self.hub.publish(key, self.identity.user.clone(), data).await?;
-                Ok(ok_ack(json!({ "id": message.id, "offset": message.offset })))
+                let message = self
+                    .hub
+                    .publish(key, self.identity.user.clone(), data)
+                    .await?;
+                Ok(ok_ack(
+                    json!({ "id": message.id, "offset": message.offset }),
+                ))
             }
             Command::Presence { room } => {
                 self.check_may_join(&room)?;
@@ -114,7 +131,10 @@ impl Session {
         if self.identity.may_join(room) {
             Ok(())
         } else {
-            Err(ClientError::new(ErrorCode::Forbidden, format!("not allowed to join {room}")))
+            Err(ClientError::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to join {room}"),
+            ))
         }
     }
 

@@ -17,7 +17,11 @@ use crate::config::LogFormat;
 /// Installs the global subscriber, writing to stderr. Later calls (as in tests) are no-ops.
 pub fn init(format: LogFormat, instance: &str) {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let formatter = Lines { json: format == LogFormat::Json, instance: instance.to_owned(), host };
+    let formatter = Lines {
+        json: format == LogFormat::Json,
+        instance: instance.to_owned(),
+        host,
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -38,7 +42,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut time = String::new();
         SystemTime.format_time(&mut Writer::new(&mut time))?;
@@ -54,7 +63,14 @@ where
             line.extend(fields.0);
             return writeln!(writer, "{}", Value::Object(line));
         }
-        write!(writer, "{time} {:>5} {}: instance={} host={} ", meta.level(), meta.target(), self.instance, self.host)?;
+        write!(
+            writer,
+            "{time} {:>5} {}: instance={} host={} ",
+            meta.level(),
+            meta.target(),
+            self.instance,
+            self.host
+        )?;
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }
@@ -64,7 +80,8 @@ struct JsonFields(Map<String, Value>);
 
 impl Visit for JsonFields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), Value::from(format!("{value:?}")));
+        self.0
+            .insert(field.name().into(), Value::from(format!("{value:?}")));
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {

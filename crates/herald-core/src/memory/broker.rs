@@ -62,7 +62,10 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
+    fn publish(
+        &self,
+        publication: Publication,
+    ) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
         Box::pin(async move {
             let key = publication.key.clone();
             let room = self.room(&key);
@@ -130,7 +133,10 @@ impl Broker for MemoryBroker {
 }
 
 fn read_page(log: &RoomLog, query: HistoryQuery, epoch: &Arc<str>) -> HistoryPage {
-    let position = Position { offset: log.offset, epoch: epoch.clone() };
+    let position = Position {
+        offset: log.offset,
+        epoch: epoch.clone(),
+    };
     let before = query.before.unwrap_or(u64::MAX);
     // Offsets in `history` are consecutive, so positions are computed, not searched.
     let first_kept = log.history.front().map_or(log.offset + 1, |m| m.offset);
@@ -148,12 +154,21 @@ fn read_page(log: &RoomLog, query: HistoryQuery, epoch: &Arc<str>) -> HistoryPag
             let from = since.saturating_add(1).max(first_kept);
             let to = end.min(from.saturating_add(query.limit as u64));
             let messages = in_range(from, to);
-            let complete = since <= log.offset && since.saturating_add(1) >= first_kept && to >= end;
-            HistoryPage { messages, position, complete }
+            let complete =
+                since <= log.offset && since.saturating_add(1) >= first_kept && to >= end;
+            HistoryPage {
+                messages,
+                position,
+                complete,
+            }
         }
         None => {
             let from = end.saturating_sub(query.limit as u64).max(first_kept);
-            HistoryPage { messages: in_range(from, end), position, complete: true }
+            HistoryPage {
+                messages: in_range(from, end),
+                position,
+                complete: true,
+            }
         }
     }
 }
@@ -169,14 +184,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_zero_history_size_keeps_nothing_but_offsets() {
-        let (sink, _rx) = Recorder::new();
+        let (sink, _rx) = Recorder::sink();
         let broker = MemoryBroker::new(0, sink);
         let key = crate::testsuite::key("r");
         for _ in 0..3 {
-            broker.publish(crate::testsuite::publication(&key, "1")).await.expect("publish");
+            broker
+                .publish(crate::testsuite::publication(&key, "1"))
+                .await
+                .expect("publish");
         }
         let page = broker
-            .history(&key, HistoryQuery { since: Some(0), before: None, limit: 10 })
+            .history(
+                &key,
+                HistoryQuery {
+                    since: Some(0),
+                    before: None,
+                    limit: 10,
+                },
+            )
             .await
             .expect("history");
         assert_eq!(page.position.offset, 3);

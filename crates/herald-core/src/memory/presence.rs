@@ -29,7 +29,11 @@ impl Presence for MemoryPresence {
         conn: &ConnId,
     ) -> BoxFuture<'_, Result<bool, PresenceError>> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = rooms.entry(key.clone()).or_default().entry(user.clone()).or_default();
+        let conns = rooms
+            .entry(key.clone())
+            .or_default()
+            .entry(user.clone())
+            .or_default();
         let arrived = conns.is_empty();
         conns.insert(conn.clone());
         Box::pin(std::future::ready(Ok(arrived)))
@@ -44,11 +48,12 @@ impl Presence for MemoryPresence {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let mut left = false;
         if let Some(users) = rooms.get_mut(key) {
-            if let Some(conns) = users.get_mut(user) {
-                if conns.remove(conn) && conns.is_empty() {
-                    users.remove(user);
-                    left = true;
-                }
+            if let Some(conns) = users.get_mut(user)
+                && conns.remove(conn)
+                && conns.is_empty()
+            {
+                users.remove(user);
+                left = true;
             }
             if users.is_empty() {
                 rooms.remove(key);
@@ -59,7 +64,10 @@ impl Presence for MemoryPresence {
 
     fn users(&self, key: &RoomKey) -> BoxFuture<'_, Result<Vec<UserId>, PresenceError>> {
         let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let users = rooms.get(key).map(|u| u.keys().cloned().collect()).unwrap_or_default();
+        let users = rooms
+            .get(key)
+            .map(|u| u.keys().cloned().collect())
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(users)))
     }
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_core::{
-    Broker, BoxFuture, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, Message,
-    Payload, Presence, PresenceChange, PresenceStatus, Publication, RoomKey, UserId,
+    BoxFuture, Broker, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, Message, Payload,
+    Presence, PresenceChange, PresenceStatus, Publication, RoomKey, UserId,
 };
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
@@ -37,7 +37,10 @@ const RECOVERY_DEADLINE: Duration = Duration::from_secs(10);
 pub enum Sink {
     /// Plain WebSocket: deliveries are queued to the connection's writer task. `kick` closes
     /// the connection when its queue stays full.
-    Queue { tx: mpsc::Sender<Queued>, kick: CancellationToken },
+    Queue {
+        tx: mpsc::Sender<Queued>,
+        kick: CancellationToken,
+    },
     /// Socket.IO: live deliveries reach the socket through its socketioxide room, one
     /// broadcast per room; replays are emitted to the socket alone.
     Sio(SocketRef),
@@ -69,7 +72,9 @@ impl Conn {
                     _ => Err(()),
                 }
             }
-            Sink::Sio(socket) => crate::transport::sio::emit_one(socket, &out.payload, deadline).await,
+            Sink::Sio(socket) => {
+                crate::transport::sio::emit_one(socket, &out.payload, deadline).await
+            }
         }
     }
 }
@@ -84,7 +89,10 @@ pub struct Outgoing {
 
 impl Outgoing {
     pub fn new(payload: Payload) -> Self {
-        Self { payload, ws_frame: OnceLock::new() }
+        Self {
+            payload,
+            ws_frame: OnceLock::new(),
+        }
     }
 }
 
@@ -111,7 +119,11 @@ impl Router {
         &self.shards[index]
     }
 
-    async fn call<T>(&self, key: &RoomKey, cmd: impl FnOnce(oneshot::Sender<T>) -> ShardCmd) -> Option<T> {
+    async fn call<T>(
+        &self,
+        key: &RoomKey,
+        cmd: impl FnOnce(oneshot::Sender<T>) -> ShardCmd,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.shard(key).send(cmd(tx)).await.ok()?;
         rx.await.ok()
@@ -121,7 +133,12 @@ impl Router {
 impl DeliverySink for Router {
     fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if self.shard(&delivery.key).send(ShardCmd::Deliver(delivery)).await.is_err() {
+            if self
+                .shard(&delivery.key)
+                .send(ShardCmd::Deliver(delivery))
+                .await
+                .is_err()
+            {
                 metrics::counter!(m::MESSAGES_DROPPED, "reason" => "shutdown").increment(1);
             }
         })
@@ -133,9 +150,16 @@ pub struct Shards(Vec<mpsc::Receiver<ShardCmd>>);
 
 /// Creates the router the broker delivers into, and the shards behind it.
 pub fn router(shards: usize) -> (Router, Shards) {
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..shards.max(1)).map(|_| mpsc::channel(SHARD_QUEUE)).unzip();
-    (Router { shards: senders.into(), hasher: RandomState::new() }, Shards(receivers))
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards.max(1))
+        .map(|_| mpsc::channel(SHARD_QUEUE))
+        .unzip();
+    (
+        Router {
+            shards: senders.into(),
+            hasher: RandomState::new(),
+        },
+        Shards(receivers),
+    )
 }
 
 /// The hub of one instance.
@@ -160,7 +184,12 @@ impl Hub {
         for rx in shards.0 {
             tokio::spawn(Shard::new(rx, sio.clone()).run(shutdown.clone()));
         }
-        Arc::new(Self { instance: instance.into(), broker, presence, router })
+        Arc::new(Self {
+            instance: instance.into(),
+            broker,
+            presence,
+            router,
+        })
     }
 
     pub fn instance(&self) -> &str {
@@ -182,7 +211,12 @@ impl Hub {
         let recovering = since.is_some();
         let added = self
             .router
-            .call(&key, |reply| ShardCmd::Join { conn: conn_ref, key: key.clone(), recovering, reply })
+            .call(&key, |reply| ShardCmd::Join {
+                conn: conn_ref,
+                key: key.clone(),
+                recovering,
+                reply,
+            })
             .await
             .ok_or_else(shutting_down)?;
         if !added {
@@ -193,7 +227,11 @@ impl Hub {
             Some(since) if added => self.recover(conn, &key, since).await?,
             _ => {
                 let page = self.history(&key, HistoryQuery::default()).await?;
-                Joined { offset: page.position.offset, epoch: page.position.epoch, recovered: false }
+                Joined {
+                    offset: page.position.offset,
+                    epoch: page.position.epoch,
+                    recovered: false,
+                }
             }
         };
         if added && presence {
@@ -206,9 +244,18 @@ impl Hub {
         Ok(joined)
     }
 
-    async fn recover(&self, conn: &Arc<Conn>, key: &RoomKey, since: u64) -> Result<Joined, ClientError> {
+    async fn recover(
+        &self,
+        conn: &Arc<Conn>,
+        key: &RoomKey,
+        since: u64,
+    ) -> Result<Joined, ClientError> {
         let deadline = Instant::now() + RECOVERY_DEADLINE;
-        let query = HistoryQuery { since: Some(since), before: None, limit: MAX_HISTORY_LIMIT };
+        let query = HistoryQuery {
+            since: Some(since),
+            before: None,
+            limit: MAX_HISTORY_LIMIT,
+        };
         let page = match self.broker.history(key, query).await {
             Ok(page) => page,
             Err(e) => {
@@ -238,14 +285,25 @@ impl Hub {
     /// Replays what arrived for the room while `conn` was recovering, until nothing is left
     /// and the shard switches it to live delivery. Returns whether nothing was lost, and the
     /// last message offset sent.
-    async fn catch_up(&self, conn: &Arc<Conn>, key: &RoomKey, mut last: u64, deadline: Instant) -> (bool, u64) {
+    async fn catch_up(
+        &self,
+        conn: &Arc<Conn>,
+        key: &RoomKey,
+        mut last: u64,
+        deadline: Instant,
+    ) -> (bool, u64) {
         let mut complete = true;
         loop {
             let force = Instant::now() >= deadline;
             let id = conn.id.clone();
             let Some(batch) = self
                 .router
-                .call(key, |reply| ShardCmd::CatchUp { conn: id, key: key.clone(), force, reply })
+                .call(key, |reply| ShardCmd::CatchUp {
+                    conn: id,
+                    key: key.clone(),
+                    force,
+                    reply,
+                })
                 .await
             else {
                 return (false, last);
@@ -274,7 +332,11 @@ impl Hub {
         let id = conn.id.clone();
         let was_member = self
             .router
-            .call(key, |reply| ShardCmd::Leave { conn: id, key: key.clone(), reply })
+            .call(key, |reply| ShardCmd::Leave {
+                conn: id,
+                key: key.clone(),
+                reply,
+            })
             .await
             .unwrap_or(false);
         if !was_member {
@@ -298,23 +360,50 @@ impl Hub {
     }
 
     async fn announce(&self, key: &RoomKey, user: &UserId, status: PresenceStatus) {
-        let change = PresenceChange { room: key.room.clone(), user: user.clone(), status };
+        let change = PresenceChange {
+            room: key.room.clone(),
+            user: user.clone(),
+            status,
+        };
         if let Err(e) = self.broker.publish_presence(key.clone(), change).await {
             tracing::warn!(room = %key, error = %e, "presence announcement failed");
         }
     }
 
     /// Publishes a message to the room, as `from`.
-    pub async fn publish(&self, key: RoomKey, from: UserId, data: Box<RawValue>) -> Result<Arc<Message>, ClientError> {
-        let publication = Publication { key, id: uuid::Uuid::now_v7().to_string(), from, data, ts: now_ms() };
-        let message = self.broker.publish(publication).await.map_err(unavailable)?;
+    pub async fn publish(
+        &self,
+        key: RoomKey,
+        from: UserId,
+        data: Box<RawValue>,
+    ) -> Result<Arc<Message>, ClientError> {
+        let publication = Publication {
+            key,
+            id: uuid::Uuid::now_v7().to_string(),
+            from,
+            data,
+            ts: now_ms(),
+        };
+        let message = self
+            .broker
+            .publish(publication)
+            .await
+            .map_err(unavailable)?;
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
         Ok(message)
     }
 
     /// Emits an arbitrary event to the room, without recording it.
-    pub async fn emit(&self, key: RoomKey, event: &str, data: Arc<RawValue>) -> Result<(), ClientError> {
-        self.broker.emit(key, event.into(), data).await.map_err(unavailable)
+    pub async fn emit(
+        &self,
+        key: RoomKey,
+        event: &str,
+        data: Arc<RawValue>,
+    ) -> Result<(), ClientError> {
+        self.broker
+            .emit(key, event.into(), data)
+            .await
+            .map_err(unavailable)
     }
 
     pub async fn presence(&self, key: &RoomKey) -> Result<Vec<UserId>, ClientError> {
@@ -324,7 +413,11 @@ impl Hub {
             .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))
     }
 
-    pub async fn history(&self, key: &RoomKey, query: HistoryQuery) -> Result<HistoryPage, ClientError> {
+    pub async fn history(
+        &self,
+        key: &RoomKey,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, ClientError> {
         self.broker.history(key, query).await.map_err(unavailable)
     }
 }

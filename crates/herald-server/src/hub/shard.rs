@@ -23,12 +23,26 @@ pub(super) enum ShardCmd {
     Deliver(Delivery),
     /// Add a member; a recovering one buffers deliveries until it has caught up. Replies
     /// false if it was a member already.
-    Join { conn: Arc<Conn>, key: RoomKey, recovering: bool, reply: oneshot::Sender<bool> },
+    Join {
+        conn: Arc<Conn>,
+        key: RoomKey,
+        recovering: bool,
+        reply: oneshot::Sender<bool>,
+    },
     /// Hand a recovering member what it buffered; once nothing is buffered (or `force`),
     /// switch it to live delivery.
-    CatchUp { conn: ConnId, key: RoomKey, force: bool, reply: oneshot::Sender<CatchUp> },
+    CatchUp {
+        conn: ConnId,
+        key: RoomKey,
+        force: bool,
+        reply: oneshot::Sender<CatchUp>,
+    },
     /// Remove a member. Replies whether it was one.
-    Leave { conn: ConnId, key: RoomKey, reply: oneshot::Sender<bool> },
+    Leave {
+        conn: ConnId,
+        key: RoomKey,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What a recovering member receives at each step of catching up.
@@ -62,7 +76,11 @@ pub(super) struct Shard {
 
 impl Shard {
     pub(super) fn new(rx: mpsc::Receiver<ShardCmd>, sio: Arc<OnceLock<SocketIo>>) -> Self {
-        Self { rx, rooms: HashMap::new(), sio }
+        Self {
+            rx,
+            rooms: HashMap::new(),
+            sio,
+        }
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
@@ -74,10 +92,20 @@ impl Shard {
             let Some(cmd) = cmd else { break };
             match cmd {
                 ShardCmd::Deliver(delivery) => self.deliver(delivery).await,
-                ShardCmd::Join { conn, key, recovering, reply } => {
+                ShardCmd::Join {
+                    conn,
+                    key,
+                    recovering,
+                    reply,
+                } => {
                     let _ = reply.send(self.join(conn, key, recovering));
                 }
-                ShardCmd::CatchUp { conn, key, force, reply } => {
+                ShardCmd::CatchUp {
+                    conn,
+                    key,
+                    force,
+                    reply,
+                } => {
                     let _ = reply.send(self.catch_up(&conn, &key, force));
                 }
                 ShardCmd::Leave { conn, key, reply } => {
@@ -115,12 +143,12 @@ impl Shard {
                 }
             }
         }
-        if room.live_sio > 0 {
-            if let Some(io) = self.sio.get() {
-                let failed = sio::emit_room(io, &delivery.key, &out.payload).await;
-                delivered += (room.live_sio - failed) as u64;
-                dropped += failed as u64;
-            }
+        if room.live_sio > 0
+            && let Some(io) = self.sio.get()
+        {
+            let failed = sio::emit_room(io, &delivery.key, &out.payload).await;
+            delivered += room.live_sio.saturating_sub(failed) as u64;
+            dropped += failed as u64;
         }
         metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
         if dropped > 0 {
@@ -128,7 +156,8 @@ impl Shard {
         }
         if let Payload::Message(message) = &out.payload {
             let age_ms = (now_ms() - message.ts).max(0) as u64;
-            metrics::histogram!(m::DELIVERY_LATENCY).record(Duration::from_millis(age_ms).as_secs_f64());
+            metrics::histogram!(m::DELIVERY_LATENCY)
+                .record(Duration::from_millis(age_ms).as_secs_f64());
         }
     }
 
@@ -143,32 +172,62 @@ impl Shard {
         if !recovering {
             go_live(room, &conn, &key);
         }
-        let member = Member { conn: conn.clone(), recovering: recovering.then(Vec::new), overflowed: false };
+        let member = Member {
+            conn: conn.clone(),
+            recovering: recovering.then(Vec::new),
+            overflowed: false,
+        };
         room.members.insert(conn.id.clone(), member);
         true
     }
 
     fn catch_up(&mut self, conn: &ConnId, key: &RoomKey, force: bool) -> CatchUp {
-        let gone = CatchUp { pending: Vec::new(), live: true, overflowed: false };
-        let Some(room) = self.rooms.get_mut(key) else { return gone };
-        let Some(member) = room.members.get_mut(conn) else { return gone };
-        let Some(pending) = member.recovering.as_mut() else { return gone };
+        let gone = CatchUp {
+            pending: Vec::new(),
+            live: true,
+            overflowed: false,
+        };
+        let Some(room) = self.rooms.get_mut(key) else {
+            return gone;
+        };
+        let Some(member) = room.members.get_mut(conn) else {
+            return gone;
+        };
+        let Some(pending) = member.recovering.as_mut() else {
+            return gone;
+        };
         let overflowed = std::mem::take(&mut member.overflowed);
         // Given up: what is buffered is dropped rather than sent behind live deliveries, so the
         // client sees a gap in offsets (and `recovered: false`), never a reordering.
-        let pending = if force { Vec::new() } else { std::mem::take(pending) };
+        let pending = if force {
+            Vec::new()
+        } else {
+            std::mem::take(pending)
+        };
         if force || pending.is_empty() {
             member.recovering = None;
             let conn = member.conn.clone();
             go_live(room, &conn, key);
-            return CatchUp { pending, live: true, overflowed };
+            return CatchUp {
+                pending,
+                live: true,
+                overflowed,
+            };
         }
-        CatchUp { pending, live: false, overflowed }
+        CatchUp {
+            pending,
+            live: false,
+            overflowed,
+        }
     }
 
     fn leave(&mut self, conn: &ConnId, key: &RoomKey) -> bool {
-        let Some(room) = self.rooms.get_mut(key) else { return false };
-        let Some(member) = room.members.remove(conn) else { return false };
+        let Some(room) = self.rooms.get_mut(key) else {
+            return false;
+        };
+        let Some(member) = room.members.remove(conn) else {
+            return false;
+        };
         if let (Sink::Sio(socket), None) = (&member.conn.sink, &member.recovering) {
             socket.leave(key.room.as_str().to_owned());
             room.live_sio -= 1;

@@ -21,12 +21,12 @@ use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{AppState, ConnectionGuard};
 use crate::auth::Identity;
 use crate::hub::{Conn, Sink};
 use crate::metrics as m;
 use crate::protocol::{ClientError, ErrorCode};
 use crate::session::Session;
+use crate::{AppState, ConnectionGuard};
 
 /// Events queued per socket before new ones are refused with `overloaded`.
 const INBOX_SIZE: usize = 256;
@@ -65,7 +65,10 @@ pub fn attach(io: &SocketIo, state: &Arc<AppState>) {
             async move { connected(state, socket, namespace).await }
         };
         let path = namespace.as_str().to_owned();
-        io.ns(path, socketioxide::handler::ConnectHandler::with(handler, middleware));
+        io.ns(
+            path,
+            socketioxide::handler::ConnectHandler::with(handler, middleware),
+        );
     }
 }
 
@@ -74,7 +77,11 @@ pub fn attach(io: &SocketIo, state: &Arc<AppState>) {
 #[error("unauthorized")]
 struct Unauthorized;
 
-fn authenticate(state: &AppState, socket: SocketRef, auth: Option<AuthPayload>) -> Result<(), Unauthorized> {
+fn authenticate(
+    state: &AppState,
+    socket: SocketRef,
+    auth: Option<AuthPayload>,
+) -> Result<(), Unauthorized> {
     let token = auth.and_then(|a| a.token).or_else(|| query_token(&socket));
     let identity = state.verifier.verify(token.as_deref()).map_err(|e| {
         metrics::counter!(m::AUTH_FAILURES, "transport" => "socketio").increment(1);
@@ -106,7 +113,9 @@ fn percent_decode(value: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(byte)) => {
                 out.push(byte);
@@ -132,7 +141,11 @@ struct Queued;
 impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
     type Error = Infallible;
 
-    fn from_message(s: Arc<Socket>, mut v: SioValue, ack_id: Option<i64>) -> Result<Self, Infallible> {
+    fn from_message(
+        s: Arc<Socket>,
+        mut v: SioValue,
+        ack_id: Option<i64>,
+    ) -> Result<Self, Infallible> {
         let ack = match AckSender::from_message_parts(&s, &mut v, &ack_id) {
             Ok(ack) => ack,
             Err(never) => match never {},
@@ -140,7 +153,11 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
         let event = match Event::from_message_parts(&s, &mut v, &ack_id) {
             Ok(Event(event)) => event,
             Err(e) => {
-                reject(ack, ErrorCode::BadRequest, &format!("unreadable event: {e}"));
+                reject(
+                    ack,
+                    ErrorCode::BadRequest,
+                    &format!("unreadable event: {e}"),
+                );
                 return Ok(Queued);
             }
         };
@@ -152,9 +169,18 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
             reject(ack, ErrorCode::Unavailable, "session is not ready");
             return Ok(Queued);
         };
-        if let Err(e) = inbox.tx.try_send(Inbound { event, payload, ack }) {
-            let (mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound)) = e;
-            reject(inbound.ack, ErrorCode::Overloaded, "too many events in flight; slow down");
+        if let Err(e) = inbox.tx.try_send(Inbound {
+            event,
+            payload,
+            ack,
+        }) {
+            let (mpsc::error::TrySendError::Full(inbound)
+            | mpsc::error::TrySendError::Closed(inbound)) = e;
+            reject(
+                inbound.ack,
+                ErrorCode::Overloaded,
+                "too many events in flight; slow down",
+            );
         }
         Ok(Queued)
     }
@@ -167,8 +193,12 @@ fn reject(ack: AckSender, code: ErrorCode, message: &str) {
 }
 
 async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace) {
-    let Some(inbox) = socket.extensions.get::<Inbox>() else { return };
-    let Some(mut rx) = inbox.rx.lock().ok().and_then(|mut rx| rx.take()) else { return };
+    let Some(inbox) = socket.extensions.get::<Inbox>() else {
+        return;
+    };
+    let Some(mut rx) = inbox.rx.lock().ok().and_then(|mut rx| rx.take()) else {
+        return;
+    };
     let closed = inbox.closed.clone();
     socket.on_disconnect(async |socket: SocketRef, reason: DisconnectReason| {
         tracing::debug!(sid = %socket.id, %reason, "socket.io disconnected");
@@ -185,9 +215,14 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
         user: inbox.identity.user.clone(),
         sink: Sink::Sio(socket.clone()),
     });
-    let opened =
-        Session::open(state.hub.clone(), conn, namespace, inbox.identity.clone(), state.config.max_payload)
-            .await;
+    let opened = Session::open(
+        state.hub.clone(),
+        conn,
+        namespace,
+        inbox.identity.clone(),
+        state.config.max_payload,
+    )
+    .await;
     match opened {
         Ok(mut session) => {
             let _ = socket.emit("session", &session.describe());
@@ -196,10 +231,20 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                     inbound = rx.recv() => inbound,
                     () = closed.cancelled() => None,
                 };
-                let Some(Inbound { event, payload, ack }) = inbound else { break };
+                let Some(Inbound {
+                    event,
+                    payload,
+                    ack,
+                }) = inbound
+                else {
+                    break;
+                };
                 let reply = match payload {
                     Ok(payload) => session.handle(&event, payload).await,
-                    Err(e) => ClientError::new(ErrorCode::BadRequest, format!("unreadable payload: {e}")).to_ack(),
+                    Err(e) => {
+                        ClientError::new(ErrorCode::BadRequest, format!("unreadable payload: {e}"))
+                            .to_ack()
+                    }
                 };
                 let _ = ack.send(&reply);
             }
@@ -215,7 +260,9 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
 /// Broadcasts one delivery to the room's live Socket.IO members on this instance, encoded
 /// once. Returns how many members it could not reach.
 pub(crate) async fn emit_room(io: &SocketIo, key: &RoomKey, payload: &Payload) -> usize {
-    let Some(ns) = io.of(key.namespace.as_str()) else { return 0 };
+    let Some(ns) = io.of(key.namespace.as_str()) else {
+        return 0;
+    };
     let room = key.room.as_str().to_owned();
     let result = match payload {
         Payload::Message(message) => ns.to(room).emit("message", &**message).await,
@@ -235,7 +282,11 @@ pub(crate) async fn emit_room(io: &SocketIo, key: &RoomKey, payload: &Payload) -
 }
 
 /// Emits one delivery to one socket, waiting (up to `deadline`) while its buffer is full.
-pub(crate) async fn emit_one(socket: &SocketRef, payload: &Payload, deadline: Instant) -> Result<(), ()> {
+pub(crate) async fn emit_one(
+    socket: &SocketRef,
+    payload: &Payload,
+    deadline: Instant,
+) -> Result<(), ()> {
     loop {
         let sent = match payload {
             Payload::Message(message) => socket.emit("message", &**message),
@@ -244,7 +295,9 @@ pub(crate) async fn emit_one(socket: &SocketRef, payload: &Payload, deadline: In
         };
         match sent {
             Ok(()) => return Ok(()),
-            Err(SendError::Socket(SocketError::InternalChannelFull)) if Instant::now() < deadline => {
+            Err(SendError::Socket(SocketError::InternalChannelFull))
+                if Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err(_) => return Err(()),

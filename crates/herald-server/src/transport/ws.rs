@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{
+    CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code,
+};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -54,7 +56,9 @@ pub async fn upgrade(
             return ApiError::Unauthorized.into_response();
         }
     };
-    let namespace = query.namespace.map_or_else(Namespace::root, |n| Namespace::new(&n));
+    let namespace = query
+        .namespace
+        .map_or_else(Namespace::root, |n| Namespace::new(&n));
     if !state.config.namespaces.contains(&namespace) {
         return ApiError::BadRequest(format!("unknown namespace {namespace}")).into_response();
     }
@@ -72,14 +76,24 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
     let conn = Arc::new(Conn {
         id: ConnId::new(format!("ws-{}", crate::random_id(16))),
         user: identity.user.clone(),
-        sink: Sink::Queue { tx: tx.clone(), kick: kick.clone() },
+        sink: Sink::Queue {
+            tx: tx.clone(),
+            kick: kick.clone(),
+        },
     });
     let (sink, mut stream) = socket.split();
     let stop = CancellationToken::new();
     let closing = Arc::new(OnceLock::new());
     let writer = tokio::spawn(write_frames(sink, rx, stop.clone(), closing.clone()));
 
-    let opened = Session::open(state.hub.clone(), conn.clone(), namespace, identity, state.config.max_payload).await;
+    let opened = Session::open(
+        state.hub.clone(),
+        conn.clone(),
+        namespace,
+        identity,
+        state.config.max_payload,
+    )
+    .await;
     let mut session = match opened {
         Ok(session) => session,
         Err(e) => {
@@ -90,7 +104,8 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
             return;
         }
     };
-    let hello = serde_json::json!({"type": "event", "event": "session", "data": session.describe()});
+    let hello =
+        serde_json::json!({"type": "event", "event": "session", "data": session.describe()});
     let mut open = tx.send(Queued::Reply(hello)).await.is_ok();
     while open {
         let frame = tokio::select! {
@@ -109,13 +124,18 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
             Some(Ok(WsMessage::Text(text))) => Some(handle_text(&mut session, text.as_str()).await),
             Some(Ok(WsMessage::Binary(_))) => Some(error_reply(
                 Value::Null,
-                &ClientError::new(ErrorCode::BadRequest, "binary frames are not supported; send JSON text"),
+                &ClientError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                ),
             )),
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => None,
             Some(Ok(WsMessage::Close(_))) | None => break,
             Some(Err(e)) => {
                 tracing::debug!(conn = %conn.id, error = %e, "websocket read failed");
-                let reason = if e.to_string().contains("too long") || e.to_string().contains("Space limit") {
+                let reason = if e.to_string().contains("too long")
+                    || e.to_string().contains("Space limit")
+                {
                     Closing(close_code::SIZE, "frame too large")
                 } else {
                     Closing(close_code::PROTOCOL, "unreadable frame")
@@ -145,6 +165,10 @@ async fn handle_text(session: &mut Session, text: &str) -> Value {
     };
     let mut reply = session.handle(&kind, Value::Object(frame)).await;
     if let Value::Object(fields) = &mut reply {
+        // `id` is the request's; a published message's id moves to `message_id`.
+        if let Some(message_id) = fields.remove("id") {
+            fields.insert("message_id".into(), message_id);
+        }
         fields.insert("type".into(), Value::from("ack"));
         fields.insert("id".into(), id);
     }
@@ -187,7 +211,10 @@ async fn write_frames(
         }
     }
     if let Some(Closing(code, reason)) = closing.get() {
-        let close = CloseFrame { code: *code, reason: Utf8Bytes::from_static(reason) };
+        let close = CloseFrame {
+            code: *code,
+            reason: Utf8Bytes::from_static(reason),
+        };
         let _ = sink.send(WsMessage::Close(Some(close))).await;
     }
     let _ = sink.close().await;
@@ -210,7 +237,10 @@ enum Frame<'a> {
         ts: i64,
     },
     Presence(&'a PresenceChange),
-    Event { event: &'a str, data: &'a RawValue },
+    Event {
+        event: &'a str,
+        data: &'a RawValue,
+    },
 }
 
 fn encode(payload: &Payload) -> Utf8Bytes {
@@ -253,9 +283,16 @@ mod tests {
             value,
             serde_json::json!({"type":"message","room":"lobby","id":"m1","offset":7,"from":"alice","data":{"text":"hi"},"ts":42})
         );
-        let change = PresenceChange { room, user: UserId::new("bob"), status: PresenceStatus::Leave };
+        let change = PresenceChange {
+            room,
+            user: UserId::new("bob"),
+            status: PresenceStatus::Leave,
+        };
         let text = encode(&Payload::Presence(change));
         let value: Value = serde_json::from_str(text.as_str()).expect("json frame");
-        assert_eq!(value, serde_json::json!({"type":"presence","room":"lobby","user":"bob","status":"leave"}));
+        assert_eq!(
+            value,
+            serde_json::json!({"type":"presence","room":"lobby","user":"bob","status":"leave"})
+        );
     }
 }

@@ -1,0 +1,177 @@
+//! A herald server on 127.0.0.1:0 inside the test process, and a plain-WebSocket client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use herald_server::config::{Config, Secret};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret";
+pub const API_KEY: &str = "integration-api-key";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data_dir =
+            std::env::temp_dir().join(format!("herald-test-{}", herald_server::random_id(10)));
+        let mut config = Config {
+            jwt_secret: Some(Secret::new(SECRET)),
+            api_key: Some(Secret::new(API_KEY)),
+            instance_id: "rust-test".into(),
+            data_dir,
+            shutdown_timeout: Duration::from_secs(5),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(herald_server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Begins the graceful shutdown and returns the server task to await.
+    pub fn shutdown(mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let (_, task) = (self.stop, self.task);
+        task
+    }
+}
+
+pub fn token(sub: &str) -> String {
+    token_with(sub, None)
+}
+
+pub fn token_with(sub: &str, rooms: Option<Vec<String>>) -> String {
+    herald_server::auth::mint(&Secret::new(SECRET), sub, rooms, Duration::from_secs(600))
+        .expect("mint")
+}
+
+pub struct WsClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Pushed frames read while waiting for an ack, kept in order.
+    pub pushed: Vec<Value>,
+}
+
+impl WsClient {
+    /// Connects to `/ws` as `sub` and reads the `session` event.
+    pub async fn connect(server: &TestServer, sub: &str) -> (Self, Value) {
+        let url = format!("ws://{}/ws?token={}", server.addr, token(sub));
+        Self::connect_url(&url).await
+    }
+
+    pub async fn connect_url(url: &str) -> (Self, Value) {
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connect");
+        let mut client = Self {
+            stream,
+            next_id: 0,
+            pushed: Vec::new(),
+        };
+        let session = client.recv().await;
+        assert_eq!(session["type"], "event");
+        assert_eq!(session["event"], "session");
+        (client, session["data"].clone())
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.stream.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a frame with a fresh id and returns its ack; pushed frames meanwhile are kept.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        frame["id"] = json!(id);
+        self.send_raw(&frame.to_string()).await;
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "ack" && frame["id"] == json!(id) {
+                return frame;
+            }
+            self.pushed.push(frame);
+        }
+    }
+
+    /// The next frame, within 5 s.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .expect("a frame within 5s")
+                .expect("the connection is open")
+                .expect("a readable frame");
+            match next {
+                Message::Text(text) => {
+                    return serde_json::from_str(text.as_str()).expect("json frame");
+                }
+                Message::Close(frame) => panic!("connection closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next pushed frame of `kind`, taking kept ones first.
+    pub async fn next_pushed(&mut self, kind: &str) -> Value {
+        if let Some(i) = self.pushed.iter().position(|f| f["type"] == kind) {
+            return self.pushed.remove(i);
+        }
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+            self.pushed.push(frame);
+        }
+    }
+
+    /// Reads until the server closes, returning the close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .expect("a close within 5s");
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (frame.code.into(), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | None => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("read error before close: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The plain WebSocket front door at `/ws`, driven by a Rust WebSocket client against a real
+//! server on 127.0.0.1:0.
+
+mod common;
+
+use common::{TestServer, WsClient, token};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_join_message_and_delivery_have_the_documented_shapes() {
+    let server = TestServer::start().await;
+    let (mut alice, session) = WsClient::connect(&server, "alice").await;
+    assert_eq!(session["user"], "alice");
+    assert_eq!(session["instance"], "rust-test");
+    assert!(session["sid"].as_str().is_some_and(|s| !s.is_empty()));
+
+    let ack = alice
+        .request(json!({"type": "join", "room": "lobby"}))
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["room"], "lobby");
+    assert_eq!(ack["offset"], 0);
+    assert_eq!(ack["recovered"], false);
+
+    let (mut bob, _) = WsClient::connect(&server, "bob").await;
+    bob.request(json!({"type": "join", "room": "lobby"})).await;
+    let joined = alice.next_pushed("presence").await;
+    assert_eq!(
+        joined,
+        json!({"type": "presence", "room": "lobby", "user": "alice", "status": "join"})
+    );
+    let joined = alice.next_pushed("presence").await;
+    assert_eq!(joined["user"], "bob");
+
+    let ack = alice
+        .request(json!({"type": "message", "room": "lobby", "data": {"text": "hi"}}))
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["offset"], 1);
+    let id = ack["message_id"].clone();
+    assert!(id.as_str().is_some_and(|id| !id.is_empty()));
+    for client in [&mut alice, &mut bob] {
+        let message = client.next_pushed("message").await;
+        let mut keys: Vec<_> = message
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["data", "from", "id", "offset", "room", "ts", "type"]);
+        assert_eq!(message["id"], id);
+        assert_eq!(message["from"], "alice");
+        assert_eq!(message["data"], json!({"text": "hi"}));
+        assert!(
+            message["ts"]
+                .as_i64()
+                .is_some_and(|ts| ts > 1_700_000_000_000)
+        );
+    }
+
+    let ack = bob
+        .request(json!({"type": "presence", "room": "lobby"}))
+        .await;
+    assert_eq!(ack["users"], json!(["alice", "bob"]));
+    let ack = bob
+        .request(json!({"type": "history", "room": "lobby"}))
+        .await;
+    assert_eq!(ack["messages"][0]["id"], id);
+
+    let ack = bob.request(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(ack["ok"], true);
+    let left = alice.next_pushed("presence").await;
+    assert_eq!(
+        left,
+        json!({"type": "presence", "room": "lobby", "user": "bob", "status": "leave"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_refused_at_the_upgrade() {
+    let server = TestServer::start().await;
+    for url in [
+        format!("ws://{}/ws", server.addr),
+        format!("ws://{}/ws?token=garbage", server.addr),
+        format!(
+            "ws://{}/ws?token={}",
+            server.addr,
+            common::token("x").replace('.', ".x")
+        ),
+    ] {
+        let err = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect_err("refused");
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                assert_eq!(response.status(), 401)
+            }
+            other => panic!("expected an HTTP 401, got {other}"),
+        }
+    }
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/ws",
+            server.addr
+        ))
+        .expect("request");
+    let bearer = format!("Bearer {}", token("carol"))
+        .parse()
+        .expect("header");
+    request.headers_mut().insert("authorization", bearer);
+    let (mut stream, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("bearer header accepted");
+    let first = futures::StreamExt::next(&mut stream)
+        .await
+        .expect("frame")
+        .expect("ok");
+    assert!(
+        first
+            .to_text()
+            .expect("text")
+            .contains("\"user\":\"carol\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_with_since_replays_the_gap_before_the_ack() {
+    let server = TestServer::start_with(|c| c.history_size = 4).await;
+    let (mut writer, _) = WsClient::connect(&server, "writer").await;
+    writer
+        .request(json!({"type": "join", "room": "news"}))
+        .await;
+    for i in 1..=6 {
+        let ack = writer
+            .request(json!({"type": "message", "room": "news", "data": i}))
+            .await;
+        assert_eq!(ack["offset"], i);
+    }
+
+    let (mut reader, _) = WsClient::connect(&server, "reader").await;
+    let ack = reader
+        .request(json!({"type": "join", "room": "news", "since": 3}))
+        .await;
+    let replayed: Vec<Value> = reader
+        .pushed
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["offset"].clone())
+        .collect();
+    assert_eq!(
+        replayed,
+        vec![json!(4), json!(5), json!(6)],
+        "replayed before the ack"
+    );
+    assert_eq!(ack["recovered"], true);
+    assert_eq!(ack["offset"], 6);
+
+    let (mut late, _) = WsClient::connect(&server, "late").await;
+    let ack = late
+        .request(json!({"type": "join", "room": "news", "since": 1}))
+        .await;
+    assert_eq!(ack["recovered"], false, "offset 2 is no longer kept");
+    let (mut ahead, _) = WsClient::connect(&server, "ahead").await;
+    let ack = ahead
+        .request(json!({"type": "join", "room": "news", "since": 60}))
+        .await;
+    assert_eq!(ack["recovered"], false, "a since beyond the latest offset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_during_live_traffic_misses_and_repeats_nothing() {
+    let server = TestServer::start().await;
+    let (mut writer, _) = WsClient::connect(&server, "writer").await;
+    writer
+        .request(json!({"type": "join", "room": "busy"}))
+        .await;
+    for i in 1..=50 {
+        writer
+            .request(json!({"type": "message", "room": "busy", "data": i}))
+            .await;
+    }
+    let publisher = tokio::spawn(async move {
+        for i in 51..=300 {
+            writer
+                .request(json!({"type": "message", "room": "busy", "data": i}))
+                .await;
+        }
+        writer
+    });
+    let (mut reader, _) = WsClient::connect(&server, "reader").await;
+    let ack = reader
+        .request(json!({"type": "join", "room": "busy", "since": 10}))
+        .await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let _writer = publisher.await.expect("publisher");
+    let mut offsets = Vec::new();
+    while offsets.last() != Some(&300) {
+        let frame = reader.next_pushed("message").await;
+        offsets.push(frame["offset"].as_u64().expect("offset"));
+    }
+    assert_eq!(offsets, (11..=300).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tabs_of_one_user_arrive_and_leave_once() {
+    let server = TestServer::start().await;
+    let (mut watcher, _) = WsClient::connect(&server, "watcher").await;
+    watcher
+        .request(json!({"type": "join", "room": "tabs"}))
+        .await;
+    let _ = watcher.next_pushed("presence").await;
+    let (mut tab1, _) = WsClient::connect(&server, "dana").await;
+    let (mut tab2, _) = WsClient::connect(&server, "dana").await;
+    tab1.request(json!({"type": "join", "room": "tabs"})).await;
+    tab2.request(json!({"type": "join", "room": "tabs"})).await;
+    let ack = tab1.request(json!({"type": "leave", "room": "tabs"})).await;
+    assert_eq!(ack["ok"], true);
+    drop(tab2);
+    let mut events = Vec::new();
+    while events.last() != Some(&(json!("dana"), json!("leave"))) {
+        let frame = watcher.next_pushed("presence").await;
+        events.push((frame["user"].clone(), frame["status"].clone()));
+    }
+    // A marker message orders the check: any further presence event would arrive before it.
+    watcher
+        .request(json!({"type": "message", "room": "tabs", "data": "marker"}))
+        .await;
+    loop {
+        let frame = watcher.recv().await;
+        match frame["type"].as_str() {
+            Some("presence") => events.push((frame["user"].clone(), frame["status"].clone())),
+            Some("message") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        events,
+        vec![
+            (json!("dana"), json!("join")),
+            (json!("dana"), json!("leave"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_connection_carries_on() {
+    let server = TestServer::start_with(|c| c.max_payload = 256).await;
+    let (mut client, _) = WsClient::connect(&server, "mallory").await;
+    client.send_raw("{not json").await;
+    let ack = client.recv().await;
+    assert_eq!(
+        (ack["type"].clone(), ack["id"].clone(), ack["ok"].clone()),
+        (json!("ack"), Value::Null, json!(false))
+    );
+    assert_eq!(ack["error"], "bad_request");
+    client.send_raw("[1,2]").await;
+    assert_eq!(client.recv().await["error"], "bad_request");
+
+    let cases = [
+        (json!({"type": "explode"}), "unknown_event"),
+        (json!({"type": "join", "room": "bad room!"}), "invalid_room"),
+        (
+            json!({"type": "join", "room": "r".repeat(129)}),
+            "invalid_room",
+        ),
+        (json!({"type": "join"}), "bad_request"),
+        (
+            json!({"type": "join", "room": "user:someone-else"}),
+            "forbidden",
+        ),
+        (
+            json!({"type": "message", "room": "nojoin", "data": 1}),
+            "not_member",
+        ),
+        (
+            json!({"type": "message", "room": "user:mallory", "data": "x".repeat(300)}),
+            "payload_too_large",
+        ),
+    ];
+    for (frame, code) in cases {
+        let ack = client.request(frame.clone()).await;
+        assert_eq!(ack["ok"], false, "{frame}");
+        assert_eq!(ack["error"], code, "{frame} -> {ack}");
+        assert!(ack["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let ack = client
+        .request(json!({"type": "join", "room": "fine"}))
+        .await;
+    assert_eq!(ack["ok"], true, "the connection still works");
+
+    client
+        .send_raw(&format!(
+            "{{\"type\":\"message\",\"room\":\"fine\",\"data\":\"{}\"}}",
+            "x".repeat(32 * 1024)
+        ))
+        .await;
+    let (code, reason) = client.closed().await;
+    assert_eq!(code, 1009, "{reason}");
+
+    let (mut other, _) = WsClient::connect(&server, "other").await;
+    assert_eq!(
+        other.request(json!({"type": "join", "room": "fine"})).await["ok"],
+        true,
+        "others are unaffected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_claims_limit_joins() {
+    let server = TestServer::start().await;
+    let url = format!(
+        "ws://{}/ws?token={}",
+        server.addr,
+        common::token_with("erin", Some(vec!["chat:*".into()]))
+    );
+    let (mut client, _) = WsClient::connect_url(&url).await;
+    assert_eq!(
+        client
+            .request(json!({"type": "join", "room": "chat:1"}))
+            .await["ok"],
+        true
+    );
+    assert_eq!(
+        client
+            .request(json!({"type": "join", "room": "admin"}))
+            .await["error"],
+        "forbidden"
+    );
+    assert_eq!(
+        client
+            .request(json!({"type": "history", "room": "admin"}))
+            .await["error"],
+        "forbidden"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reports_not_ready_and_closes_clients_with_going_away() {
+    let server = TestServer::start().await;
+    let ready = reqwest::get(server.url("/ready")).await.expect("ready");
+    assert_eq!(ready.status(), 200);
+    let (mut client, _) = WsClient::connect(&server, "frank").await;
+    client.request(json!({"type": "join", "room": "bye"})).await;
+    let task = server.shutdown();
+    let (code, reason) = client.closed().await;
+    assert_eq!(code, 1001, "{reason}");
+    let result = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "the server exits cleanly within its timeout"
+    );
+}
