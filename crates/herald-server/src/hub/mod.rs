@@ -437,3 +437,218 @@ pub fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use herald_core::memory::{MemoryBroker, MemoryPresence};
+    use herald_core::{Namespace, RoomName};
+
+    use super::*;
+
+    struct Harness {
+        hub: Arc<Hub>,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn hub(history_size: usize) -> Harness {
+        let (router, shards) = router(2);
+        let broker = Arc::new(MemoryBroker::new(history_size, Arc::new(router.clone())));
+        let stop = CancellationToken::new();
+        let hub = Hub::start(
+            "unit",
+            broker,
+            Arc::new(MemoryPresence::new()),
+            router,
+            shards,
+            Arc::new(OnceLock::new()),
+            stop.clone(),
+        );
+        Harness {
+            hub,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn conn(id: &str, user: &str) -> (Arc<Conn>, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let sink = Sink::Queue {
+            tx,
+            kick: CancellationToken::new(),
+        };
+        (
+            Arc::new(Conn {
+                id: ConnId::new(id),
+                user: UserId::new(user),
+                sink,
+            }),
+            rx,
+        )
+    }
+
+    fn key(room: &str) -> RoomKey {
+        RoomKey::new(Namespace::root(), RoomName::new(room).expect("room"))
+    }
+
+    fn data(i: u64) -> Box<RawValue> {
+        RawValue::from_string(i.to_string()).expect("json")
+    }
+
+    /// Drains what is queued now: message offsets and presence changes, in order.
+    fn drain(rx: &mut mpsc::Receiver<Queued>) -> (Vec<u64>, Vec<(String, PresenceStatus)>) {
+        let (mut offsets, mut presence) = (Vec::new(), Vec::new());
+        while let Ok(Queued::Delivery(out)) = rx.try_recv() {
+            match &out.payload {
+                Payload::Message(m) => offsets.push(m.offset),
+                Payload::Presence(p) => presence.push((p.user.to_string(), p.status)),
+                Payload::Event { .. } => {}
+            }
+        }
+        (offsets, presence)
+    }
+
+    async fn settle(h: &Harness, room: &RoomKey) {
+        // A round trip through the room's shard: everything queued before it has been applied.
+        let (probe, _rx) = conn("probe", "probe");
+        h.hub
+            .join(&probe, room.clone(), None, false)
+            .await
+            .expect("probe join");
+        h.hub.leave(&probe, room, false).await;
+    }
+
+    #[tokio::test]
+    async fn offsets_count_per_room_and_join_reports_the_latest() {
+        let h = hub(10);
+        let (a, mut rx) = conn("a", "alice");
+        let joined = h.hub.join(&a, key("r1"), None, true).await.expect("join");
+        assert_eq!((joined.offset, joined.recovered), (0, false));
+        for i in 1..=3 {
+            let m = h
+                .hub
+                .publish(key("r1"), UserId::new("alice"), data(i))
+                .await
+                .expect("publish");
+            assert_eq!(m.offset, i);
+        }
+        let other = h
+            .hub
+            .publish(key("r2"), UserId::new("alice"), data(9))
+            .await
+            .expect("publish");
+        assert_eq!(other.offset, 1);
+        settle(&h, &key("r1")).await;
+        let (offsets, presence) = drain(&mut rx);
+        assert_eq!(offsets, vec![1, 2, 3], "r2 is not delivered to r1's member");
+        assert_eq!(presence, vec![("alice".into(), PresenceStatus::Join)]);
+        let (b, _rx) = conn("b", "bob");
+        assert_eq!(
+            h.hub
+                .join(&b, key("r1"), None, true)
+                .await
+                .expect("join")
+                .offset,
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn recovery_replays_exactly_the_gap_and_reports_trimmed_history() {
+        let h = hub(5);
+        for i in 1..=8 {
+            h.hub
+                .publish(key("r"), UserId::new("w"), data(i))
+                .await
+                .expect("publish");
+        }
+        let (a, mut rx) = conn("a", "alice");
+        let joined = h
+            .hub
+            .join(&a, key("r"), Some(5), false)
+            .await
+            .expect("join");
+        assert_eq!((joined.offset, joined.recovered), (8, true));
+        assert_eq!(drain(&mut rx).0, vec![6, 7, 8]);
+
+        let (b, mut rx) = conn("b", "bob");
+        let joined = h
+            .hub
+            .join(&b, key("r"), Some(1), false)
+            .await
+            .expect("join");
+        assert!(!joined.recovered, "offsets 2 and 3 were trimmed");
+        assert_eq!(
+            drain(&mut rx).0,
+            vec![4, 5, 6, 7, 8],
+            "what is kept is still replayed"
+        );
+    }
+
+    #[tokio::test]
+    async fn presence_is_announced_once_per_user() {
+        let h = hub(5);
+        let (watch, mut rx) = conn("w", "watcher");
+        h.hub
+            .join(&watch, key("p"), None, true)
+            .await
+            .expect("join");
+        let (tab1, _r1) = conn("t1", "dana");
+        let (tab2, _r2) = conn("t2", "dana");
+        h.hub.join(&tab1, key("p"), None, true).await.expect("join");
+        h.hub.join(&tab2, key("p"), None, true).await.expect("join");
+        assert!(h.hub.leave(&tab1, &key("p"), true).await);
+        assert!(h.hub.leave(&tab2, &key("p"), true).await);
+        assert!(
+            !h.hub.leave(&tab2, &key("p"), true).await,
+            "a second leave is a no-op"
+        );
+        settle(&h, &key("p")).await;
+        let statuses = drain(&mut rx).1;
+        assert_eq!(
+            statuses,
+            vec![
+                ("watcher".into(), PresenceStatus::Join),
+                ("dana".into(), PresenceStatus::Join),
+                ("dana".into(), PresenceStatus::Leave)
+            ]
+        );
+        let users = h.hub.presence(&key("p")).await.expect("presence");
+        assert_eq!(users, vec![UserId::new("watcher")]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_kicks_the_slow_consumer_only() {
+        let h = hub(5);
+        let (tx, _rx) = mpsc::channel(1);
+        let kick = CancellationToken::new();
+        let slow = Arc::new(Conn {
+            id: ConnId::new("slow"),
+            user: UserId::new("slow"),
+            sink: Sink::Queue {
+                tx,
+                kick: kick.clone(),
+            },
+        });
+        let (fast, mut fast_rx) = conn("fast", "fast");
+        h.hub
+            .join(&slow, key("q"), None, false)
+            .await
+            .expect("join");
+        h.hub
+            .join(&fast, key("q"), None, false)
+            .await
+            .expect("join");
+        for i in 1..=3 {
+            h.hub
+                .publish(key("q"), UserId::new("w"), data(i))
+                .await
+                .expect("publish");
+        }
+        settle(&h, &key("q")).await;
+        assert!(kick.is_cancelled(), "the slow consumer is told to go");
+        assert_eq!(
+            drain(&mut fast_rx).0,
+            vec![1, 2, 3],
+            "the others get everything"
+        );
+    }
+}
