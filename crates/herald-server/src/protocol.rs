@@ -145,10 +145,7 @@ fn room_field(fields: &mut Map<String, Value>) -> Result<RoomName, ClientError> 
     match fields.remove("room") {
         Some(Value::String(name)) => RoomName::new(&name)
             .map_err(|e| ClientError::new(ErrorCode::InvalidRoom, e.to_string())),
-        Some(_) => Err(ClientError::new(
-            ErrorCode::InvalidRoom,
-            "room must be a string",
-        )),
+        Some(_) => Err(bad_request("room must be a string")),
         None => Err(bad_request("room is required")),
     }
 }

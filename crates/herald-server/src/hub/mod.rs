@@ -275,8 +275,11 @@ impl Hub {
             last = message.offset;
         }
         let (caught_up, last) = self.catch_up(conn, key, last, deadline).await;
+        // `last` starts at `since`, which may be beyond the room's end; only offsets actually
+        // delivered may raise the position reported.
+        let delivered = if last > since { last } else { 0 };
         Ok(Joined {
-            offset: last.max(page.position.offset),
+            offset: delivered.max(page.position.offset),
             epoch: page.position.epoch,
             recovered: recovered && caught_up,
         })
