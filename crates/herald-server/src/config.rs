@@ -102,6 +102,9 @@ pub struct Config {
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    /// Origins browsers may call from (Socket.IO polling, the HTTP API); `*` is any origin.
+    /// Auth is by token, never by cookie, so no credentials are allowed cross-origin.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -121,6 +124,7 @@ impl Default for Config {
             outbound_queue: 1024,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            cors_origins: vec!["*".to_owned()],
         }
     }
 }
@@ -142,6 +146,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_OUTBOUND_QUEUE", "outbound_queue"),
     ("HERALD_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
     ("HERALD_LOG_FORMAT", "log_format"),
+    ("HERALD_CORS_ORIGINS", "cors_origins"),
 ];
 
 impl Config {
@@ -213,6 +218,21 @@ impl Config {
                     "text" => LogFormat::Text,
                     "json" => LogFormat::Json,
                     _ => return Err(invalid(&"expected text or json")),
+                }
+            }
+            "cors_origins" => {
+                self.cors_origins = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if let Some(bad) = self
+                    .cors_origins
+                    .iter()
+                    .find(|o| *o != "*" && axum::http::HeaderValue::from_str(o).is_err())
+                {
+                    return Err(invalid(&format!("{bad:?} is not a valid origin")));
                 }
             }
             _ => return Err(ConfigError::Unknown(source_name.to_owned())),

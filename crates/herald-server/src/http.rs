@@ -45,6 +45,21 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The CORS policy for `origins` (`*` for any). Requests carry tokens, not cookies, so
+/// credentials are never allowed.
+pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods(Any)
+        .allow_headers(Any)
+}
+
 /// Every error the HTTP side returns, as `{ok:false, error, message}` with its status.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

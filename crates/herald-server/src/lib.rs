@@ -173,7 +173,9 @@ pub async fn run(
     transport::sio::attach(&io, &state);
     let _ = sio_cell.set(io.clone());
 
-    let app = http::app(state.clone()).layer(sio_layer);
+    let app = http::app(state.clone())
+        .layer(sio_layer)
+        .layer(http::cors(&state.config.cors_origins));
     let addr = listener
         .local_addr()
         .context("reading the listener's address")?;

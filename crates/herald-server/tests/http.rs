@@ -1,0 +1,108 @@
+//! The HTTP side against a real server: CORS for browser clients, and when the API is open.
+
+mod common;
+
+use common::{API_KEY, TestServer};
+use herald_server::config::AuthMode;
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_on_other_origins_may_poll_and_call_the_api() {
+    let server = TestServer::start().await;
+    let client = reqwest::Client::new();
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, server.url("/api/publish"))
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+
+    let handshake = client
+        .get(server.url("/socket.io/?EIO=4&transport=polling"))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .expect("polling handshake");
+    assert_eq!(handshake.status(), 200);
+    assert_eq!(handshake.headers()["access-control-allow-origin"], "*");
+    let body = handshake.text().await.expect("body");
+    assert!(
+        body.starts_with("0{") && body.contains("\"sid\""),
+        "an Engine.IO open packet: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_origins_are_the_only_ones_allowed() {
+    let server =
+        TestServer::start_with(|c| c.cors_origins = vec!["http://good.example".into()]).await;
+    let client = reqwest::Client::new();
+    for (origin, allowed) in [
+        ("http://good.example", true),
+        ("http://evil.example", false),
+    ] {
+        let response = client
+            .get(server.url("/health"))
+            .header("origin", origin)
+            .send()
+            .await
+            .expect("get");
+        let header = response
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().ok());
+        assert_eq!(header.is_some(), allowed, "{origin}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_its_key_and_is_off_without_one() {
+    let server = TestServer::start().await;
+    let client = reqwest::Client::new();
+    let publish = |key: Option<&'static str>| {
+        let mut request = client
+            .post(server.url("/api/publish"))
+            .json(&json!({"room": "r", "data": 1}));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    assert_eq!(publish(None).await.expect("post").status(), 401);
+    assert_eq!(
+        publish(Some("wrong-key-123")).await.expect("post").status(),
+        401
+    );
+    let ok = publish(Some(API_KEY)).await.expect("post");
+    assert_eq!(ok.status(), 200);
+    let body: Value = ok.json().await.expect("json");
+    assert_eq!(
+        (body["ok"].clone(), body["offset"].clone()),
+        (json!(true), json!(1))
+    );
+
+    let keyless = TestServer::start_with(|c| c.api_key = None).await;
+    let response = client
+        .get(keyless.url("/api/stats"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), 403, "no key: the API is off");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "disabled");
+
+    let dev = TestServer::start_with(|c| {
+        c.api_key = None;
+        c.auth = AuthMode::Off;
+    })
+    .await;
+    let response = client.get(dev.url("/api/stats")).send().await.expect("get");
+    assert_eq!(response.status(), 200, "dev mode opens the API to loopback");
+}
