@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::BoxFuture;
 use crate::message::{Delivery, Message, PresenceChange, Publication};
-use crate::room::RoomKey;
+use crate::room::{ConnId, Namespace, RoomKey, RoomName, UserId};
 
 /// A broker failure. The hub turns it into an `unavailable` error for the client; nothing is
 /// acknowledged that the broker did not accept.
@@ -58,6 +58,49 @@ pub struct HistoryPage {
 /// waits for each call before making the next, so a sink that queues in call order keeps it.
 pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()>;
+}
+
+/// A connection on this instance, as other servers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSocket {
+    pub id: ConnId,
+    pub user: UserId,
+    pub rooms: Vec<RoomName>,
+}
+
+/// What another server asks this instance to do to some of its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteAction {
+    Join(Vec<RoomName>),
+    Leave(Vec<RoomName>),
+    Disconnect,
+}
+
+/// Which local connections a request is about: members of any of `rooms` (every connection
+/// of the namespace when empty), minus members of any of `except`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub rooms: Vec<RoomName>,
+    pub except: Vec<RoomName>,
+}
+
+/// This instance as the broker sees it: where deliveries go, and the answers to other
+/// servers' requests (the adapter's `fetchSockets`, `socketsJoin`, `disconnectSockets`…).
+pub trait LocalNode: DeliverySink {
+    /// The local connections `selector` picks in `namespace`, with their rooms.
+    fn sockets(
+        &self,
+        namespace: &Namespace,
+        selector: &Selector,
+    ) -> BoxFuture<'_, Vec<LocalSocket>>;
+
+    /// Applies `action` to the local connections `selector` picks; returns how many.
+    fn apply(
+        &self,
+        namespace: &Namespace,
+        selector: &Selector,
+        action: RemoteAction,
+    ) -> BoxFuture<'_, usize>;
 }
 
 /// Moves a room's messages and events between instances.

@@ -25,7 +25,10 @@ pub mod room;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
-pub use broker::{Broker, BrokerError, DeliverySink, HistoryPage, HistoryQuery, Position};
+pub use broker::{
+    Broker, BrokerError, DeliverySink, HistoryPage, HistoryQuery, LocalNode, LocalSocket, Position,
+    RemoteAction, Selector,
+};
 pub use message::{Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication};
 pub use presence::{Presence, PresenceError};
 pub use room::{ConnId, Namespace, RoomError, RoomKey, RoomName, RoomPatterns, UserId};

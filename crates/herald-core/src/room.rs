@@ -51,6 +51,16 @@ impl RoomName {
         Self(format!("{USER_ROOM_PREFIX}{}", user.as_str()).into())
     }
 
+    /// The room every connection of a namespace is in, which namespace-wide broadcasts reach.
+    /// Its name, `*`, is not a valid client room name, so no client can join or publish to it.
+    pub fn everyone() -> Self {
+        Self("*".into())
+    }
+
+    pub fn is_everyone(&self) -> bool {
+        &*self.0 == "*"
+    }
+
     /// The user this room belongs to, when it is a personal room.
     pub fn owner(&self) -> Option<&str> {
         self.0.strip_prefix(USER_ROOM_PREFIX)

@@ -7,7 +7,9 @@ use herald_core::{Namespace, RoomKey, RoomName};
 use serde_json::{Value, json};
 
 use crate::auth::Identity;
-use crate::hub::{Conn, Hub};
+use tokio::sync::mpsc;
+
+use crate::hub::{Conn, Control, Hub, Joined};
 use crate::metrics as m;
 use crate::protocol::{ClientError, Command, ErrorCode, ok_ack};
 
@@ -19,10 +21,12 @@ pub struct Session {
     identity: Identity,
     rooms: HashSet<RoomName>,
     max_payload: usize,
+    control: Option<mpsc::UnboundedReceiver<Control>>,
 }
 
 impl Session {
-    /// Opens the session: the connection joins its personal room `user:<sub>`.
+    /// Opens the session: the connection joins its personal room `user:<sub>` and its
+    /// namespace's everyone room, and registers for remote control.
     pub async fn open(
         hub: Arc<Hub>,
         conn: Arc<Conn>,
@@ -30,6 +34,7 @@ impl Session {
         identity: Identity,
         max_payload: usize,
     ) -> Result<Self, ClientError> {
+        let control = hub.register(&conn.id);
         let mut session = Self {
             hub,
             conn,
@@ -37,14 +42,46 @@ impl Session {
             identity,
             rooms: HashSet::new(),
             max_payload,
+            control: Some(control),
         };
-        let personal = RoomName::personal(&session.identity.user);
-        session
-            .hub
-            .join(&session.conn, session.key(&personal), None, false)
-            .await?;
-        session.rooms.insert(personal);
+        for room in [
+            RoomName::personal(&session.identity.user),
+            RoomName::everyone(),
+        ] {
+            if let Err(e) = session
+                .hub
+                .join(&session.conn, session.key(&room), None, false)
+                .await
+            {
+                session.close().await;
+                return Err(e);
+            }
+            session.rooms.insert(room);
+        }
         Ok(session)
+    }
+
+    /// What other servers ask of this session; taken once by the transport's loop.
+    pub fn take_control(&mut self) -> mpsc::UnboundedReceiver<Control> {
+        self.control
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
+
+    /// Applies a request from another server. Returns false when the session must end.
+    pub async fn apply(&mut self, control: Control) -> bool {
+        let result = match control {
+            Control::Join(room) => self.join_room(room, None).await.map(drop),
+            Control::Leave(room) => {
+                self.leave_room(&room).await;
+                Ok(())
+            }
+            Control::Disconnect => return false,
+        };
+        if let Err(e) = result {
+            tracing::warn!(conn = %self.conn.id, error = %e, "remote join failed");
+        }
+        true
     }
 
     /// The `session` event: `{sid, user, instance}`.
@@ -73,12 +110,7 @@ impl Session {
         match command {
             Command::Join { room, since } => {
                 self.check_may_join(&room)?;
-                let presence = room.owner().is_none();
-                let joined = self
-                    .hub
-                    .join(&self.conn, self.key(&room), since, presence)
-                    .await?;
-                self.rooms.insert(room.clone());
+                let joined = self.join_room(room.clone(), since).await?;
                 Ok(ok_ack(json!({
                     "room": room,
                     "offset": joined.offset,
@@ -87,10 +119,7 @@ impl Session {
                 })))
             }
             Command::Leave { room } => {
-                if self.rooms.remove(&room) {
-                    let presence = room.owner().is_none();
-                    self.hub.leave(&self.conn, &self.key(&room), presence).await;
-                }
+                self.leave_room(&room).await;
                 Ok(ok_ack(json!({ "room": room })))
             }
             Command::Message { room, data } => {
@@ -127,6 +156,28 @@ impl Session {
         }
     }
 
+    async fn join_room(
+        &mut self,
+        room: RoomName,
+        since: Option<u64>,
+    ) -> Result<Joined, ClientError> {
+        let key = self.key(&room);
+        let joined = self
+            .hub
+            .join(&self.conn, key, since, tracks_presence(&room))
+            .await?;
+        self.rooms.insert(room);
+        Ok(joined)
+    }
+
+    async fn leave_room(&mut self, room: &RoomName) {
+        if self.rooms.remove(room) {
+            self.hub
+                .leave(&self.conn, &self.key(room), tracks_presence(room))
+                .await;
+        }
+    }
+
     fn check_may_join(&self, room: &RoomName) -> Result<(), ClientError> {
         if self.identity.may_join(room) {
             Ok(())
@@ -145,9 +196,16 @@ impl Session {
     /// Ends the session: the connection leaves every room, and the user's presence goes with
     /// it where this was their last connection.
     pub async fn close(mut self) {
+        self.hub.deregister(&self.conn.id);
         for room in std::mem::take(&mut self.rooms) {
-            let presence = room.owner().is_none();
-            self.hub.leave(&self.conn, &self.key(&room), presence).await;
+            self.hub
+                .leave(&self.conn, &self.key(&room), tracks_presence(&room))
+                .await;
         }
     }
+}
+
+/// Presence is tracked in the rooms users choose, not in personal or everyone rooms.
+fn tracks_presence(room: &RoomName) -> bool {
+    room.owner().is_none() && !room.is_everyone()
 }

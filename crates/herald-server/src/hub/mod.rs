@@ -8,13 +8,15 @@
 mod shard;
 
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_core::{
-    BoxFuture, Broker, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, Message, Payload,
-    Presence, PresenceChange, PresenceStatus, Publication, RoomKey, UserId,
+    BoxFuture, Broker, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, LocalNode,
+    LocalSocket, Message, Namespace, Payload, Presence, PresenceChange, PresenceStatus,
+    Publication, RemoteAction, RoomKey, RoomName, Selector, UserId,
 };
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
@@ -106,11 +108,21 @@ pub struct Joined {
     pub recovered: bool,
 }
 
-/// Routes deliveries from the broker to the shard that owns the room.
+/// What another server (through the broker) asks a local session to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Join(RoomName),
+    Leave(RoomName),
+    Disconnect,
+}
+
+/// Routes deliveries from the broker to the shard that owns the room, and answers the
+/// broker's questions about local connections.
 #[derive(Clone)]
 pub struct Router {
     shards: Arc<[mpsc::Sender<ShardCmd>]>,
     hasher: RandomState,
+    sessions: Arc<Mutex<HashMap<ConnId, mpsc::UnboundedSender<Control>>>>,
 }
 
 impl Router {
@@ -127,6 +139,62 @@ impl Router {
         let (tx, rx) = oneshot::channel();
         self.shard(key).send(cmd(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Registers a session for remote control; the receiver yields what it is asked to do.
+    pub fn register(&self, conn: &ConnId) -> mpsc::UnboundedReceiver<Control> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn.clone(), tx);
+        rx
+    }
+
+    pub fn deregister(&self, conn: &ConnId) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(conn);
+    }
+
+    async fn select(&self, namespace: &Namespace, selector: &Selector) -> Vec<LocalSocket> {
+        let mut conns: HashMap<ConnId, (UserId, BTreeSet<RoomName>)> = HashMap::new();
+        for shard in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            let cmd = ShardCmd::Members {
+                namespace: namespace.clone(),
+                reply: tx,
+            };
+            if shard.send(cmd).await.is_err() {
+                continue;
+            }
+            for (room, conn, user) in rx.await.unwrap_or_default() {
+                conns
+                    .entry(conn)
+                    .or_insert_with(|| (user, BTreeSet::new()))
+                    .1
+                    .insert(room);
+            }
+        }
+        // A connection is also addressed by its id, as Socket.IO sockets are.
+        let picks = |rooms: &[RoomName], id: &ConnId, mine: &BTreeSet<RoomName>| {
+            rooms
+                .iter()
+                .any(|r| mine.contains(r) || r.as_str() == id.as_str())
+        };
+        conns
+            .into_iter()
+            .filter(|(id, (_, rooms))| {
+                selector.rooms.is_empty() || picks(&selector.rooms, id, rooms)
+            })
+            .filter(|(id, (_, rooms))| !picks(&selector.except, id, rooms))
+            .map(|(id, (user, rooms))| LocalSocket {
+                id,
+                user,
+                rooms: rooms.into_iter().filter(|r| !r.is_everyone()).collect(),
+            })
+            .collect()
     }
 }
 
@@ -145,6 +213,45 @@ impl DeliverySink for Router {
     }
 }
 
+impl LocalNode for Router {
+    fn sockets(
+        &self,
+        namespace: &Namespace,
+        selector: &Selector,
+    ) -> BoxFuture<'_, Vec<LocalSocket>> {
+        let (namespace, selector) = (namespace.clone(), selector.clone());
+        Box::pin(async move { self.select(&namespace, &selector).await })
+    }
+
+    fn apply(
+        &self,
+        namespace: &Namespace,
+        selector: &Selector,
+        action: RemoteAction,
+    ) -> BoxFuture<'_, usize> {
+        let (namespace, selector) = (namespace.clone(), selector.clone());
+        Box::pin(async move {
+            let targets = self.select(&namespace, &selector).await;
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let controls: Vec<Control> = match action {
+                RemoteAction::Join(rooms) => rooms.into_iter().map(Control::Join).collect(),
+                RemoteAction::Leave(rooms) => rooms.into_iter().map(Control::Leave).collect(),
+                RemoteAction::Disconnect => vec![Control::Disconnect],
+            };
+            let mut reached = 0;
+            for target in &targets {
+                if let Some(tx) = sessions.get(&target.id) {
+                    reached += 1;
+                    for control in &controls {
+                        let _ = tx.send(control.clone());
+                    }
+                }
+            }
+            reached
+        })
+    }
+}
+
 /// The shards' receiving ends, waiting for [`Hub::start`].
 pub struct Shards(Vec<mpsc::Receiver<ShardCmd>>);
 
@@ -157,6 +264,7 @@ pub fn router(shards: usize) -> (Router, Shards) {
         Router {
             shards: senders.into(),
             hasher: RandomState::new(),
+            sessions: Default::default(),
         },
         Shards(receivers),
     )
@@ -194,6 +302,15 @@ impl Hub {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Registers a session for remote control (see [`Router::register`]).
+    pub fn register(&self, conn: &ConnId) -> mpsc::UnboundedReceiver<Control> {
+        self.router.register(conn)
+    }
+
+    pub fn deregister(&self, conn: &ConnId) {
+        self.router.deregister(conn);
     }
 
     /// Adds `conn` to the room. With `since`, first re-sends every kept message after it, in

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use herald_core::{ConnId, Delivery, Payload, RoomKey};
+use herald_core::{ConnId, Delivery, Namespace, Payload, RoomKey, RoomName, UserId};
 use socketioxide::SocketIo;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -42,6 +42,11 @@ pub(super) enum ShardCmd {
         conn: ConnId,
         key: RoomKey,
         reply: oneshot::Sender<bool>,
+    },
+    /// List every membership in the namespace: (room, connection, user).
+    Members {
+        namespace: Namespace,
+        reply: oneshot::Sender<Vec<(RoomName, ConnId, UserId)>>,
     },
 }
 
@@ -110,6 +115,9 @@ impl Shard {
                 }
                 ShardCmd::Leave { conn, key, reply } => {
                     let _ = reply.send(self.leave(&conn, &key));
+                }
+                ShardCmd::Members { namespace, reply } => {
+                    let _ = reply.send(self.members(&namespace));
                 }
             }
         }
@@ -237,6 +245,20 @@ impl Shard {
             metrics::gauge!(m::ROOMS).decrement(1);
         }
         true
+    }
+}
+
+impl Shard {
+    fn members(&self, namespace: &Namespace) -> Vec<(RoomName, ConnId, UserId)> {
+        self.rooms
+            .iter()
+            .filter(|(key, _)| key.namespace == *namespace)
+            .flat_map(|(key, room)| {
+                room.members
+                    .values()
+                    .map(|m| (key.room.clone(), m.conn.id.clone(), m.conn.user.clone()))
+            })
+            .collect()
     }
 }
 

@@ -226,9 +226,17 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
     match opened {
         Ok(mut session) => {
             let _ = socket.emit("session", &session.describe());
+            let mut control = session.take_control();
             loop {
                 let inbound = tokio::select! {
                     inbound = rx.recv() => inbound,
+                    Some(request) = control.recv() => {
+                        if session.apply(request).await {
+                            continue;
+                        }
+                        let _ = socket.clone().disconnect();
+                        None
+                    }
                     () = closed.cancelled() => None,
                 };
                 let Some(Inbound {

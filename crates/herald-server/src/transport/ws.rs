@@ -107,9 +107,17 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
     let hello =
         serde_json::json!({"type": "event", "event": "session", "data": session.describe()});
     let mut open = tx.send(Queued::Reply(hello)).await.is_ok();
+    let mut control = session.take_control();
     while open {
         let frame = tokio::select! {
             frame = stream.next() => frame,
+            Some(request) = control.recv() => {
+                if session.apply(request).await {
+                    continue;
+                }
+                let _ = closing.set(Closing(close_code::NORMAL, "disconnected by the server"));
+                break;
+            }
             () = kick.cancelled() => {
                 metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
                 let _ = closing.set(Closing(close_code::POLICY, "slow consumer: outbound queue full"));
