@@ -105,6 +105,19 @@ pub struct Config {
     /// Origins browsers may call from (Socket.IO polling, the HTTP API); `*` is any origin.
     /// Auth is by token, never by cookie, so no credentials are allowed cross-origin.
     pub cors_origins: Vec<String>,
+    /// Redis for a fleet of instances; without it herald runs as one instance in memory.
+    #[serde(serialize_with = "serialize_url")]
+    pub redis_url: Option<String>,
+    /// Overrides the password in `redis_url`.
+    pub redis_password: Option<Secret>,
+    /// Prefix of every Redis channel and key: the adapter's `key` option.
+    pub redis_key: String,
+    /// How long an idle room's offset and history live in Redis.
+    #[serde(serialize_with = "serialize_duration")]
+    pub history_ttl: Duration,
+    /// How long a presence entry lives without its instance's heartbeat.
+    #[serde(serialize_with = "serialize_duration")]
+    pub presence_ttl: Duration,
 }
 
 impl Default for Config {
@@ -125,6 +138,11 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             cors_origins: vec!["*".to_owned()],
+            redis_url: None,
+            redis_password: None,
+            redis_key: "socket.io".to_owned(),
+            history_ttl: Duration::from_secs(24 * 3600),
+            presence_ttl: Duration::from_secs(45),
         }
     }
 }
@@ -147,6 +165,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
     ("HERALD_LOG_FORMAT", "log_format"),
     ("HERALD_CORS_ORIGINS", "cors_origins"),
+    ("REDIS_URL", "redis_url"),
+    ("REDIS_PASSWORD", "redis_password"),
+    ("HERALD_REDIS_KEY", "redis_key"),
+    ("HERALD_HISTORY_TTL", "history_ttl"),
+    ("HERALD_PRESENCE_TTL", "presence_ttl"),
 ];
 
 impl Config {
@@ -177,7 +200,7 @@ impl Config {
     pub fn set(&mut self, key: &str, value: &str, source_name: &str) -> Result<(), ConfigError> {
         let invalid = |reason: &dyn fmt::Display| ConfigError::Invalid {
             source_name: source_name.to_owned(),
-            value: if key.contains("secret") || key == "api_key" {
+            value: if key.contains("secret") || key.contains("password") || key == "api_key" {
                 "<redacted>".into()
             } else {
                 value.to_owned()
@@ -220,6 +243,16 @@ impl Config {
                     _ => return Err(invalid(&"expected text or json")),
                 }
             }
+            "redis_url" => {
+                if !(value.starts_with("redis://") || value.starts_with("rediss://")) {
+                    return Err(invalid(&"expected a redis:// or rediss:// URL"));
+                }
+                self.redis_url = Some(value.to_owned());
+            }
+            "redis_password" => self.redis_password = Some(Secret::new(value)),
+            "redis_key" => self.redis_key = value.to_owned(),
+            "history_ttl" => self.history_ttl = parse_duration(value).map_err(|e| invalid(&e))?,
+            "presence_ttl" => self.presence_ttl = parse_duration(value).map_err(|e| invalid(&e))?,
             "cors_origins" => {
                 self.cors_origins = value
                     .split(',')
@@ -291,6 +324,12 @@ impl Config {
         if self.max_payload == 0 || self.max_payload > 16 * 1024 * 1024 {
             return rule("HERALD_MAX_PAYLOAD", "must be between 1 byte and 16MiB");
         }
+        if self.redis_key.is_empty() || self.redis_key.contains('#') {
+            return rule("HERALD_REDIS_KEY", "must be non-empty and without '#'");
+        }
+        if self.presence_ttl < Duration::from_secs(1) {
+            return rule("HERALD_PRESENCE_TTL", "must be at least 1s");
+        }
         if self.outbound_queue == 0 {
             return rule("HERALD_OUTBOUND_QUEUE", "must be at least 1");
         }
@@ -342,6 +381,20 @@ fn parse_size(value: &str) -> Result<usize, String> {
         _ => return Err(format!("unknown unit {unit:?}")),
     };
     n.checked_mul(scale).ok_or_else(|| "too large".to_owned())
+}
+
+/// Prints a URL without its password.
+fn serialize_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => match url.split_once('@') {
+            Some((scheme_and_auth, host)) => {
+                let scheme = scheme_and_auth.split("://").next().unwrap_or("redis");
+                s.serialize_str(&format!("{scheme}://<redacted>@{host}"))
+            }
+            None => s.serialize_str(url),
+        },
+        None => s.serialize_none(),
+    }
 }
 
 fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -38,7 +38,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use herald_core::memory::{MemoryBroker, MemoryPresence};
-use herald_core::{Broker, Namespace};
+use herald_core::{Broker, Namespace, Presence};
+use herald_redis::{RedisBroker, RedisPresence, RedisSettings};
+use tokio::sync::watch;
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -59,6 +61,8 @@ pub struct AppState {
     pub draining: CancellationToken,
     pub started: Instant,
     connections: AtomicI64,
+    /// Whether Redis is connected, when a fleet is configured.
+    pub broker_connected: Option<watch::Receiver<bool>>,
     /// Open connections, awaited (up to the timeout) at shutdown.
     sessions: TaskTracker,
 }
@@ -66,6 +70,14 @@ pub struct AppState {
 impl AppState {
     pub fn connections(&self) -> i64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Whether herald runs in development mode: `HERALD_AUTH=off`, or no `JWT_SECRET` and no
+    /// public key, so that tokens are signed with the generated development secret. The page
+    /// at `/` offers `POST /dev/token` only then.
+    pub fn dev_mode(&self) -> bool {
+        self.config.auth == AuthMode::Off
+            || (self.config.jwt_secret.is_none() && self.config.jwt_public_key.is_none())
     }
 }
 
@@ -97,6 +109,46 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         ::metrics::gauge!(metrics::CONNECTIONS, &self.labels).decrement(1);
         self.state.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The broker and presence engines the configuration picks.
+struct Engines {
+    broker: Arc<dyn Broker>,
+    presence: Arc<dyn Presence>,
+    connected: Option<watch::Receiver<bool>>,
+    redis_presence: Option<Arc<RedisPresence>>,
+}
+
+impl Engines {
+    /// Redis when `redis_url` is set (serving alone until it is reachable), memory otherwise.
+    fn start(config: &Config, router: &hub::Router) -> anyhow::Result<Self> {
+        let Some(url) = &config.redis_url else {
+            return Ok(Self {
+                broker: Arc::new(MemoryBroker::new(config.history_size, Arc::new(router.clone()))),
+                presence: Arc::new(MemoryPresence::new()),
+                connected: None,
+                redis_presence: None,
+            });
+        };
+        let settings = RedisSettings {
+            url: url.clone(),
+            password: config.redis_password.as_ref().map(|p| p.expose().to_owned()),
+            key: config.redis_key.clone(),
+            namespaces: config.namespaces.clone(),
+            history_size: config.history_size,
+            history_ttl: config.history_ttl,
+            presence_ttl: config.presence_ttl,
+            uid: random_id(16),
+        };
+        let broker = Arc::new(RedisBroker::start(settings.clone(), Arc::new(router.clone())).context("configuring redis")?);
+        let presence = Arc::new(RedisPresence::start(settings, broker.clone()));
+        Ok(Self {
+            connected: Some(broker.connected()),
+            broker,
+            presence: presence.clone(),
+            redis_presence: Some(presence),
+        })
     }
 }
 
@@ -141,15 +193,11 @@ pub async fn run(
     let stop_engines = CancellationToken::new();
     let sio_cell = Arc::new(OnceLock::new());
     let (router, shards) = hub::router(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
-        config.history_size,
-        Arc::new(router.clone()),
-    ));
-    let presence = Arc::new(MemoryPresence::new());
+    let engines = Engines::start(&config, &router)?;
     let hub = Hub::start(
         &config.instance_id,
-        broker,
-        presence,
+        engines.broker.clone(),
+        engines.presence.clone(),
         router,
         shards,
         sio_cell.clone(),
@@ -165,6 +213,7 @@ pub async fn run(
         started: Instant::now(),
         connections: AtomicI64::new(0),
         sessions: TaskTracker::new(),
+        broker_connected: engines.connected.clone(),
     });
     let (sio_layer, io) = SocketIo::builder()
         .max_payload((state.config.max_payload + 16 * 1024) as u64)
@@ -206,6 +255,9 @@ pub async fn run(
             left = state.connections(),
             "shutdown timeout reached with connections still open"
         );
+    }
+    if let Some(presence) = &engines.redis_presence {
+        presence.clear().await;
     }
     stop_engines.cancel();
     match tokio::time::timeout(timeout, server).await {

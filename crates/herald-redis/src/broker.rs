@@ -1,0 +1,581 @@
+//! The Redis broker: per-room offsets and history from one Lua step, fan-out over the
+//! adapter's channels, and single-instance service while Redis is away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use herald_core::memory::MemoryBroker;
+use herald_core::{
+    BoxFuture, Broker, BrokerError, Delivery, HistoryPage, HistoryQuery, LocalNode, Message,
+    Namespace, Payload, Position, PresenceChange, Publication, RoomKey, RoomName,
+};
+use redis::aio::ConnectionManager;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::codec::{self, Broadcast, Channels, StoredMessage};
+use crate::request;
+use crate::{RedisSettings, metric};
+
+/// Assigns the next offset, appends to the room's capped history and publishes, atomically.
+///
+/// KEYS: offset, history stream, epoch. ARGV: channel, wire head, wire tail, json head, json
+/// tail, history size, TTL seconds, epoch for a new history.
+const PUBLISH_SCRIPT: &str = r#"
+local off = redis.call('INCR', KEYS[1])
+if off == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[3], ARGV[8])
+end
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('SET', KEYS[3], epoch)
+end
+local size = tonumber(ARGV[6])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
+end
+-- The durable persist queue is appended here, in the same step, once it exists.
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. cmsgpack.pack(off) .. ARGV[3])
+return {off, epoch}
+"#;
+
+/// The keys of one room's offset, history and epoch. They share a hash tag, so a Redis
+/// Cluster keeps them on one slot and the publish script can touch all three.
+fn room_keys(prefix: &str, key: &RoomKey) -> [String; 3] {
+    let tag = format!("herald:{{{prefix}#{}#{}}}", key.namespace, key.room);
+    [format!("{tag}:offset"), format!("{tag}:history"), format!("{tag}:epoch")]
+}
+
+enum SubCmd {
+    Subscribe(String, RoomKey, oneshot::Sender<()>),
+    Unsubscribe(String, RoomKey),
+}
+
+/// A broker shared by every instance on one Redis, in the wire format of Node's
+/// `@socket.io/redis-adapter`.
+///
+/// ## Failure
+/// While Redis is unreachable (at start or later) the broker serves this instance alone
+/// through an in-memory broker, under another epoch, so local delivery goes on. It keeps
+/// reconnecting with capped backoff; once back, it resubscribes and repairs the gap of every
+/// room from history.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: RedisSettings,
+    client: redis::Client,
+    conn: RwLock<Option<ConnectionManager>>,
+    connected: watch::Sender<bool>,
+    script: redis::Script,
+    fallback: MemoryBroker,
+    local: Arc<dyn LocalNode>,
+    channels: HashMap<Namespace, Channels>,
+    refs: Mutex<HashMap<RoomKey, usize>>,
+    subs: mpsc::UnboundedSender<SubCmd>,
+}
+
+impl RedisBroker {
+    /// Starts the broker; it connects in the background and delivers to `local`.
+    pub fn start(settings: RedisSettings, local: Arc<dyn LocalNode>) -> Result<Self, BrokerError> {
+        let client = settings.client().map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let channels =
+            settings.namespaces.iter().map(|n| (n.clone(), Channels::new(&settings.key, n))).collect();
+        let (subs, sub_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            fallback: MemoryBroker::new(settings.history_size, local.clone()),
+            settings,
+            client,
+            conn: RwLock::new(None),
+            connected: watch::Sender::new(false),
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            local,
+            channels,
+            refs: Mutex::new(HashMap::new()),
+            subs,
+        });
+        tokio::spawn(link(Arc::downgrade(&inner), sub_rx));
+        Ok(Self { inner })
+    }
+
+    /// The command connection, while Redis is connected.
+    pub(crate) fn command_connection(&self) -> Option<ConnectionManager> {
+        self.inner.conn()
+    }
+
+    /// Whether Redis is connected; false while the broker serves this instance alone.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+}
+
+impl Inner {
+    fn conn(&self) -> Option<ConnectionManager> {
+        if !*self.connected.borrow() {
+            return None;
+        }
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn channels(&self, namespace: &Namespace) -> Result<&Channels, BrokerError> {
+        self.channels
+            .get(namespace)
+            .ok_or_else(|| BrokerError::Unavailable(format!("namespace {namespace} is not configured")))
+    }
+
+    async fn publish(&self, mut conn: ConnectionManager, publication: Publication) -> Result<Arc<Message>, BrokerError> {
+        let channels = self.channels(&publication.key.namespace)?;
+        let channel = channels.room(&publication.key.room);
+        let keys = room_keys(&self.settings.key, &publication.key);
+        let draft = publication.at(0);
+        let parts = codec::message_parts(&self.settings.uid, &draft)
+            .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
+        let started = Instant::now();
+        let (offset, _epoch): (u64, String) = self
+            .script
+            .key(&keys[0])
+            .key(&keys[1])
+            .key(&keys[2])
+            .arg(channel)
+            .arg(parts.wire_head)
+            .arg(parts.wire_tail)
+            .arg(parts.json_head)
+            .arg(parts.json_tail)
+            .arg(self.settings.history_size)
+            .arg(self.settings.history_ttl.as_secs())
+            .arg(new_epoch())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
+        metrics::histogram!(metric::BROKER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(Arc::new(Message { offset, ..draft }))
+    }
+
+    async fn broadcast(&self, conn: Option<ConnectionManager>, key: RoomKey, payload: Payload) -> Result<(), BrokerError> {
+        let Some(mut conn) = conn else {
+            return match payload {
+                Payload::Presence(change) => self.fallback.publish_presence(key, change).await,
+                Payload::Event { name, data } => self.fallback.emit(key, name, data).await,
+                Payload::Message(_) => Err(BrokerError::Closed),
+            };
+        };
+        let arg = match &payload {
+            Payload::Presence(change) => serde_json::to_string(change).ok().and_then(|t| serde_json::from_str(&t).ok()),
+            Payload::Event { data, .. } => codec::from_json(data).ok(),
+            Payload::Message(_) => None,
+        }
+        .unwrap_or(rmpv::Value::Nil);
+        let channels = self.channels(&key.namespace)?;
+        let (channel, rooms) = if key.room.is_everyone() {
+            (channels.broadcast.clone(), Vec::new())
+        } else {
+            (channels.room(&key.room), vec![key.room.as_str()])
+        };
+        let bytes = codec::encode_broadcast(&self.settings.uid, key.namespace.as_str(), payload.event_name(), &[arg], &rooms);
+        redis::cmd("PUBLISH").arg(channel).arg(bytes).exec_async(&mut conn).await.map_err(redis_error)?;
+        metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
+        Ok(())
+    }
+
+    async fn history(&self, mut conn: ConnectionManager, key: &RoomKey, query: HistoryQuery) -> Result<HistoryPage, BrokerError> {
+        let [offset_key, history_key, epoch_key] = room_keys(&self.settings.key, key);
+        let limit = query.limit;
+        let mut pipe = redis::pipe();
+        pipe.get(&offset_key).get(&epoch_key);
+        pipe.cmd("XRANGE").arg(&history_key).arg("-").arg("+").arg("COUNT").arg(1);
+        match query.since {
+            Some(since) => {
+                let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
+                pipe.cmd("XRANGE").arg(&history_key).arg(format!("({since}-1")).arg(end).arg("COUNT").arg(limit.max(1));
+            }
+            None => {
+                let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
+                pipe.cmd("XREVRANGE").arg(&history_key).arg(end).arg("-").arg("COUNT").arg(limit.max(1));
+            }
+        }
+        type Entries = Vec<(String, Vec<(String, String)>)>;
+        let (top, epoch, first, mut entries): (Option<u64>, Option<String>, Entries, Entries) =
+            pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        if query.since.is_none() {
+            entries.reverse();
+        }
+        let top = top.unwrap_or(0);
+        let mut messages: Vec<Arc<Message>> = entries
+            .into_iter()
+            .filter_map(|(_, fields)| fields.into_iter().find(|(f, _)| f == "m").map(|(_, v)| v))
+            .filter_map(|json| serde_json::from_str::<StoredMessage>(&json).ok())
+            .map(|stored| Arc::new(stored.into_message(&key.namespace)))
+            .collect();
+        if limit == 0 {
+            messages.clear();
+        }
+        let first_kept = first
+            .first()
+            .and_then(|(id, _)| id.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(top + 1);
+        let end = query.before.unwrap_or(u64::MAX).min(top + 1);
+        let complete = match query.since {
+            Some(since) => {
+                let reached = messages.last().map_or(since.saturating_add(1), |m| m.offset + 1);
+                since <= top && since.saturating_add(1) >= first_kept && reached >= end
+            }
+            None => true,
+        };
+        let epoch = epoch.unwrap_or_else(|| "0".to_owned());
+        Ok(HistoryPage { messages, position: Position { offset: top, epoch: epoch.into() }, complete })
+    }
+}
+
+/// A fresh epoch for a room whose history starts over.
+fn new_epoch() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{nanos:x}")
+}
+
+fn redis_error(e: redis::RedisError) -> BrokerError {
+    metrics::counter!(metric::REDIS_ERRORS).increment(1);
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
+        Box::pin(async move {
+            match self.inner.conn() {
+                Some(conn) => self.inner.publish(conn, publication).await,
+                None => self.inner.fallback.publish(publication).await,
+            }
+        })
+    }
+
+    fn publish_presence(&self, key: RoomKey, change: PresenceChange) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move { self.inner.broadcast(self.inner.conn(), key, Payload::Presence(change)).await })
+    }
+
+    fn emit(&self, key: RoomKey, event: Arc<str>, data: Arc<RawValue>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.inner.broadcast(self.inner.conn(), key, Payload::Event { name: event, data }).await
+        })
+    }
+
+    fn history(&self, key: &RoomKey, query: HistoryQuery) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            match self.inner.conn() {
+                Some(conn) => self.inner.history(conn, &key, query).await,
+                None => self.inner.fallback.history(&key, query).await,
+            }
+        })
+    }
+
+    fn subscribe(&self, key: &RoomKey) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            // Namespace-wide broadcasts arrive on the namespace channel, always subscribed.
+            if key.room.is_everyone() {
+                return Ok(());
+            }
+            let channel = self.inner.channels(&key.namespace)?.room(&key.room);
+            let (tx, rx) = oneshot::channel();
+            {
+                // Queued under the lock, so the link sees subscriptions in refcount order.
+                let mut refs = self.inner.refs.lock().unwrap_or_else(|e| e.into_inner());
+                let count = refs.entry(key.clone()).or_insert(0);
+                *count += 1;
+                if *count > 1 {
+                    return Ok(());
+                }
+                let _ = self.inner.subs.send(SubCmd::Subscribe(channel, key, tx));
+            }
+            // Without Redis there is nothing to wait for: the link subscribes on reconnect.
+            let _ = rx.await;
+            Ok(())
+        })
+    }
+
+    fn unsubscribe(&self, key: &RoomKey) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            if key.room.is_everyone() {
+                return Ok(());
+            }
+            let channel = self.inner.channels(&key.namespace)?.room(&key.room);
+            let mut refs = self.inner.refs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = refs.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    refs.remove(&key);
+                    let _ = self.inner.subs.send(SubCmd::Unsubscribe(channel, key));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The broker's link to Redis: connects (with capped backoff), holds the subscriptions, reads
+/// every channel message, and repairs gaps. Ends when the broker is dropped.
+async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<SubCmd>) {
+    let mut rooms: HashMap<String, RoomKey> = HashMap::new();
+    let mut last: HashMap<RoomKey, u64> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let Some(broker) = inner.upgrade() else { return };
+        match connect(&broker, &rooms).await {
+            Ok((conn, pubsub)) => {
+                backoff = Duration::from_millis(100);
+                *broker.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                broker.connected.send_replace(true);
+                if !first {
+                    metrics::counter!(metric::REDIS_RECONNECTS).increment(1);
+                }
+                tracing::info!(url = %broker.settings.redacted_url(), "redis connected: serving as part of the fleet");
+                repair_all(&broker, conn, &mut last).await;
+                let (mut sink, mut stream) = pubsub.split();
+                loop {
+                    tokio::select! {
+                        cmd = subs.recv() => {
+                            let Some(cmd) = cmd else { return };
+                            let mut batch = vec![cmd];
+                            while let Ok(more) = subs.try_recv() {
+                                batch.push(more);
+                            }
+                            let (add, remove) = plan(batch, &mut rooms, &mut last);
+                            let ok = (add.channels.is_empty() || sink.subscribe(&add.channels).await.is_ok())
+                                && (remove.is_empty() || sink.unsubscribe(&remove).await.is_ok());
+                            for reply in add.replies {
+                                let _ = reply.send(());
+                            }
+                            if !ok {
+                                break;
+                            }
+                        }
+                        msg = stream.next() => {
+                            let Some(msg) = msg else { break };
+                            on_message(&broker, &rooms, &mut last, msg).await;
+                        }
+                    }
+                }
+                broker.connected.send_replace(false);
+                metrics::counter!(metric::REDIS_ERRORS).increment(1);
+                tracing::warn!("redis connection lost: serving this instance alone until it is back");
+            }
+            Err(e) => {
+                metrics::counter!(metric::REDIS_ERRORS).increment(1);
+                if first {
+                    tracing::warn!(error = %e, "redis unreachable at start: serving this instance alone and retrying");
+                } else {
+                    tracing::debug!(error = %e, ?backoff, "redis still unreachable");
+                }
+            }
+        }
+        first = false;
+        drop(broker);
+        // Subscription changes made while Redis is away only update the wanted set.
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = &mut wait => break,
+                cmd = subs.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    let (add, _) = plan(vec![cmd], &mut rooms, &mut last);
+                    for reply in add.replies {
+                        let _ = reply.send(());
+                    }
+                }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+struct Additions {
+    channels: Vec<String>,
+    replies: Vec<oneshot::Sender<()>>,
+}
+
+fn plan(
+    batch: Vec<SubCmd>,
+    rooms: &mut HashMap<String, RoomKey>,
+    last: &mut HashMap<RoomKey, u64>,
+) -> (Additions, Vec<String>) {
+    let mut add = Additions { channels: Vec::new(), replies: Vec::new() };
+    let mut remove = Vec::new();
+    for cmd in batch {
+        match cmd {
+            SubCmd::Subscribe(channel, key, reply) => {
+                remove.retain(|c| *c != channel);
+                rooms.insert(channel.clone(), key);
+                add.channels.push(channel);
+                add.replies.push(reply);
+            }
+            SubCmd::Unsubscribe(channel, key) => {
+                add.channels.retain(|c| *c != channel);
+                rooms.remove(&channel);
+                last.remove(&key);
+                remove.push(channel);
+            }
+        }
+    }
+    (add, remove)
+}
+
+async fn connect(
+    broker: &Inner,
+    rooms: &HashMap<String, RoomKey>,
+) -> Result<(ConnectionManager, redis::aio::PubSub), redis::RedisError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(Duration::from_secs(3)));
+    let conn = ConnectionManager::new_with_config(broker.client.clone(), config).await?;
+    let mut pubsub = broker.client.get_async_pubsub().await?;
+    let mut channels: Vec<String> = rooms.keys().cloned().collect();
+    for ch in broker.channels.values() {
+        channels.push(ch.broadcast.clone());
+        channels.push(ch.request.clone());
+    }
+    pubsub.subscribe(&channels).await?;
+    Ok((conn, pubsub))
+}
+
+/// After a reconnect, delivers what each subscribed room missed, from history.
+async fn repair_all(broker: &Inner, conn: ConnectionManager, last: &mut HashMap<RoomKey, u64>) {
+    let rooms: Vec<(RoomKey, u64)> = last.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    for (key, seen) in rooms {
+        repair(broker, conn.clone(), &key, seen, None, last).await;
+    }
+}
+
+/// Delivers the room's messages after `seen` (and before `until`) from history.
+async fn repair(
+    broker: &Inner,
+    conn: ConnectionManager,
+    key: &RoomKey,
+    seen: u64,
+    until: Option<u64>,
+    last: &mut HashMap<RoomKey, u64>,
+) {
+    let query = HistoryQuery { since: Some(seen), before: until, limit: 10_000 };
+    match broker.history(conn, key, query).await {
+        Ok(page) => {
+            metrics::counter!(metric::GAPS_REPAIRED).increment(page.messages.len() as u64);
+            for message in page.messages {
+                last.insert(key.clone(), message.offset);
+                broker.local.deliver(Delivery { key: key.clone(), payload: Payload::Message(message) }).await;
+            }
+        }
+        Err(e) => tracing::warn!(room = %key, error = %e, "gap repair failed; clients recover by offset"),
+    }
+}
+
+async fn on_message(broker: &Arc<Inner>, rooms: &HashMap<String, RoomKey>, last: &mut HashMap<RoomKey, u64>, msg: redis::Msg) {
+    metrics::counter!(metric::BROKER_RECEIVES).increment(1);
+    let channel = msg.get_channel_name();
+    for (namespace, channels) in &broker.channels {
+        if channel == channels.request {
+            let (broker, namespace) = (broker.clone(), namespace.clone());
+            let bytes = msg.get_payload_bytes().to_vec();
+            tokio::spawn(async move { request::handle(&broker.request_context(), &namespace, &bytes).await });
+            return;
+        }
+        let Some(room) = channels.room_of(channel) else { continue };
+        let broadcast = match codec::decode_broadcast(msg.get_payload_bytes()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(channel, error = %e, "ignoring an unreadable broadcast");
+                return;
+            }
+        };
+        if broadcast.namespace != namespace.as_str() {
+            return;
+        }
+        let targets: Vec<RoomName> = match room {
+            Some(room) => RoomName::new(room).ok().filter(|r| rooms.contains_key(&channels.room(r))).into_iter().collect(),
+            None if broadcast.rooms.is_empty() => vec![RoomName::everyone()],
+            None => broadcast.rooms.iter().filter_map(|r| RoomName::new(r).ok()).collect(),
+        };
+        for room in targets {
+            let key = RoomKey::new(namespace.clone(), room);
+            deliver(broker, last, key, &broadcast).await;
+        }
+        return;
+    }
+}
+
+async fn deliver(broker: &Inner, last: &mut HashMap<RoomKey, u64>, key: RoomKey, broadcast: &Broadcast) {
+    let first = broadcast.args.first().unwrap_or(&rmpv::Value::Nil);
+    let payload = match broadcast.event.as_str() {
+        "message" => match codec::message_from_arg(&key.namespace, first) {
+            Some(message) => {
+                let seen = last.get(&key).copied();
+                match seen {
+                    // A repeat, unless the room's history started over.
+                    Some(seen) if message.offset <= seen && message.offset != 1 => return,
+                    Some(seen) if message.offset > seen + 1 => {
+                        if let Some(conn) = broker.conn() {
+                            repair(broker, conn, &key, seen, Some(message.offset), last).await;
+                        }
+                    }
+                    _ => {}
+                }
+                last.insert(key.clone(), message.offset);
+                let latency = crate::now_ms() - message.ts;
+                metrics::histogram!(metric::BROKER_LATENCY).record(latency.max(0) as f64 / 1000.0);
+                Payload::Message(Arc::new(message))
+            }
+            None => event_payload(broadcast, first),
+        },
+        "presence" => match serde_json::to_string(first).ok().and_then(|t| serde_json::from_str::<PresenceJson>(&t).ok()) {
+            Some(p) => Payload::Presence(p.into()),
+            None => event_payload(broadcast, first),
+        },
+        _ => event_payload(broadcast, first),
+    };
+    broker.local.deliver(Delivery { key, payload }).await;
+}
+
+fn event_payload(broadcast: &Broadcast, first: &rmpv::Value) -> Payload {
+    let data = codec::to_json(first).unwrap_or_else(|_| RawValue::NULL.to_owned());
+    Payload::Event { name: broadcast.event.as_str().into(), data: data.into() }
+}
+
+#[derive(serde::Deserialize)]
+struct PresenceJson {
+    room: RoomName,
+    user: String,
+    status: herald_core::PresenceStatus,
+}
+
+impl From<PresenceJson> for PresenceChange {
+    fn from(p: PresenceJson) -> Self {
+        PresenceChange { room: p.room, user: herald_core::UserId::new(p.user), status: p.status }
+    }
+}
+
+impl Inner {
+    fn request_context(self: &Arc<Self>) -> request::Context {
+        request::Context {
+            uid: self.settings.uid.clone(),
+            conn: self.conn(),
+            channels: self.channels.clone(),
+            local: self.local.clone(),
+        }
+    }
+}
