@@ -11,10 +11,38 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::BoxFuture;
-use crate::broker::{Broker, DeliverySink, HistoryQuery};
+use crate::broker::{
+    Broker, DeliverySink, HistoryQuery, LocalNode, LocalSocket, RemoteAction, Selector,
+};
 use crate::message::{Delivery, Payload, PresenceChange, PresenceStatus, Publication};
 use crate::presence::Presence;
 use crate::room::{ConnId, Namespace, RoomKey, RoomName, UserId};
+
+/// A recorder as the broker's local node: it has no connections of its own.
+pub struct RecorderNode(Recorder);
+
+impl RecorderNode {
+    pub fn node() -> (Arc<dyn LocalNode>, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(RecorderNode(Recorder(tx))), rx)
+    }
+}
+
+impl DeliverySink for RecorderNode {
+    fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()> {
+        self.0.deliver(delivery)
+    }
+}
+
+impl LocalNode for RecorderNode {
+    fn sockets(&self, _: &Namespace, _: &Selector) -> BoxFuture<'_, Vec<LocalSocket>> {
+        Box::pin(std::future::ready(Vec::new()))
+    }
+
+    fn apply(&self, _: &Namespace, _: &Selector, _: RemoteAction) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(0))
+    }
+}
 
 /// The history cap the broker factories are expected to use.
 pub const HISTORY_SIZE: usize = 5;
@@ -345,8 +373,8 @@ pub async fn presence_rooms_are_independent(presence: Arc<dyn Presence>) {
     assert_eq!(presence.users(&b).await.expect("users"), vec![user]);
 }
 
-/// Runs the broker suite against the broker an async factory builds for a given sink. The
-/// factory must keep [`HISTORY_SIZE`] messages per room.
+/// Runs the broker suite against the broker an async factory builds for a given local node.
+/// The factory must keep [`HISTORY_SIZE`] messages per room.
 #[macro_export]
 macro_rules! broker_test_suite {
     ($make:expr) => {
@@ -361,8 +389,8 @@ macro_rules! broker_test_suite {
         $(
             #[tokio::test]
             async fn $name() {
-                let (sink, rx) = $crate::testsuite::Recorder::sink();
-                let broker = ($make)(sink).await;
+                let (node, rx) = $crate::testsuite::RecorderNode::node();
+                let broker = ($make)(node).await;
                 $crate::testsuite::$name(broker, rx).await;
             }
         )*

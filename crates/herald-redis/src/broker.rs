@@ -53,7 +53,11 @@ return {off, epoch}
 /// Cluster keeps them on one slot and the publish script can touch all three.
 fn room_keys(prefix: &str, key: &RoomKey) -> [String; 3] {
     let tag = format!("herald:{{{prefix}#{}#{}}}", key.namespace, key.room);
-    [format!("{tag}:offset"), format!("{tag}:history"), format!("{tag}:epoch")]
+    [
+        format!("{tag}:offset"),
+        format!("{tag}:history"),
+        format!("{tag}:epoch"),
+    ]
 }
 
 enum SubCmd {
@@ -89,9 +93,14 @@ struct Inner {
 impl RedisBroker {
     /// Starts the broker; it connects in the background and delivers to `local`.
     pub fn start(settings: RedisSettings, local: Arc<dyn LocalNode>) -> Result<Self, BrokerError> {
-        let client = settings.client().map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        let channels =
-            settings.namespaces.iter().map(|n| (n.clone(), Channels::new(&settings.key, n))).collect();
+        let client = settings
+            .client()
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let channels = settings
+            .namespaces
+            .iter()
+            .map(|n| (n.clone(), Channels::new(&settings.key, n)))
+            .collect();
         let (subs, sub_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             fallback: MemoryBroker::new(settings.history_size, local.clone()),
@@ -129,12 +138,16 @@ impl Inner {
     }
 
     fn channels(&self, namespace: &Namespace) -> Result<&Channels, BrokerError> {
-        self.channels
-            .get(namespace)
-            .ok_or_else(|| BrokerError::Unavailable(format!("namespace {namespace} is not configured")))
+        self.channels.get(namespace).ok_or_else(|| {
+            BrokerError::Unavailable(format!("namespace {namespace} is not configured"))
+        })
     }
 
-    async fn publish(&self, mut conn: ConnectionManager, publication: Publication) -> Result<Arc<Message>, BrokerError> {
+    async fn publish(
+        &self,
+        mut conn: ConnectionManager,
+        publication: Publication,
+    ) -> Result<Arc<Message>, BrokerError> {
         let channels = self.channels(&publication.key.namespace)?;
         let channel = channels.room(&publication.key.room);
         let keys = room_keys(&self.settings.key, &publication.key);
@@ -163,7 +176,12 @@ impl Inner {
         Ok(Arc::new(Message { offset, ..draft }))
     }
 
-    async fn broadcast(&self, conn: Option<ConnectionManager>, key: RoomKey, payload: Payload) -> Result<(), BrokerError> {
+    async fn broadcast(
+        &self,
+        conn: Option<ConnectionManager>,
+        key: RoomKey,
+        payload: Payload,
+    ) -> Result<(), BrokerError> {
         let Some(mut conn) = conn else {
             return match payload {
                 Payload::Presence(change) => self.fallback.publish_presence(key, change).await,
@@ -172,7 +190,9 @@ impl Inner {
             };
         };
         let arg = match &payload {
-            Payload::Presence(change) => serde_json::to_string(change).ok().and_then(|t| serde_json::from_str(&t).ok()),
+            Payload::Presence(change) => serde_json::to_string(change)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok()),
             Payload::Event { data, .. } => codec::from_json(data).ok(),
             Payload::Message(_) => None,
         }
@@ -183,26 +203,57 @@ impl Inner {
         } else {
             (channels.room(&key.room), vec![key.room.as_str()])
         };
-        let bytes = codec::encode_broadcast(&self.settings.uid, key.namespace.as_str(), payload.event_name(), &[arg], &rooms);
-        redis::cmd("PUBLISH").arg(channel).arg(bytes).exec_async(&mut conn).await.map_err(redis_error)?;
+        let bytes = codec::encode_broadcast(
+            &self.settings.uid,
+            key.namespace.as_str(),
+            payload.event_name(),
+            &[arg],
+            &rooms,
+        );
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(bytes)
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
         metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
         Ok(())
     }
 
-    async fn history(&self, mut conn: ConnectionManager, key: &RoomKey, query: HistoryQuery) -> Result<HistoryPage, BrokerError> {
+    async fn history(
+        &self,
+        mut conn: ConnectionManager,
+        key: &RoomKey,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, BrokerError> {
         let [offset_key, history_key, epoch_key] = room_keys(&self.settings.key, key);
         let limit = query.limit;
         let mut pipe = redis::pipe();
         pipe.get(&offset_key).get(&epoch_key);
-        pipe.cmd("XRANGE").arg(&history_key).arg("-").arg("+").arg("COUNT").arg(1);
+        pipe.cmd("XRANGE")
+            .arg(&history_key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
         match query.since {
             Some(since) => {
                 let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
-                pipe.cmd("XRANGE").arg(&history_key).arg(format!("({since}-1")).arg(end).arg("COUNT").arg(limit.max(1));
+                pipe.cmd("XRANGE")
+                    .arg(&history_key)
+                    .arg(format!("({since}-1"))
+                    .arg(end)
+                    .arg("COUNT")
+                    .arg(limit.max(1));
             }
             None => {
                 let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
-                pipe.cmd("XREVRANGE").arg(&history_key).arg(end).arg("-").arg("COUNT").arg(limit.max(1));
+                pipe.cmd("XREVRANGE")
+                    .arg(&history_key)
+                    .arg(end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit.max(1));
             }
         }
         type Entries = Vec<(String, Vec<(String, String)>)>;
@@ -229,13 +280,22 @@ impl Inner {
         let end = query.before.unwrap_or(u64::MAX).min(top + 1);
         let complete = match query.since {
             Some(since) => {
-                let reached = messages.last().map_or(since.saturating_add(1), |m| m.offset + 1);
+                let reached = messages
+                    .last()
+                    .map_or(since.saturating_add(1), |m| m.offset + 1);
                 since <= top && since.saturating_add(1) >= first_kept && reached >= end
             }
             None => true,
         };
         let epoch = epoch.unwrap_or_else(|| "0".to_owned());
-        Ok(HistoryPage { messages, position: Position { offset: top, epoch: epoch.into() }, complete })
+        Ok(HistoryPage {
+            messages,
+            position: Position {
+                offset: top,
+                epoch: epoch.into(),
+            },
+            complete,
+        })
     }
 }
 
@@ -254,7 +314,10 @@ fn redis_error(e: redis::RedisError) -> BrokerError {
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
+    fn publish(
+        &self,
+        publication: Publication,
+    ) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
         Box::pin(async move {
             match self.inner.conn() {
                 Some(conn) => self.inner.publish(conn, publication).await,
@@ -263,17 +326,36 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn publish_presence(&self, key: RoomKey, change: PresenceChange) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async move { self.inner.broadcast(self.inner.conn(), key, Payload::Presence(change)).await })
-    }
-
-    fn emit(&self, key: RoomKey, event: Arc<str>, data: Arc<RawValue>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish_presence(
+        &self,
+        key: RoomKey,
+        change: PresenceChange,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.inner.broadcast(self.inner.conn(), key, Payload::Event { name: event, data }).await
+            self.inner
+                .broadcast(self.inner.conn(), key, Payload::Presence(change))
+                .await
         })
     }
 
-    fn history(&self, key: &RoomKey, query: HistoryQuery) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
+    fn emit(
+        &self,
+        key: RoomKey,
+        event: Arc<str>,
+        data: Arc<RawValue>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.inner
+                .broadcast(self.inner.conn(), key, Payload::Event { name: event, data })
+                .await
+        })
+    }
+
+    fn history(
+        &self,
+        key: &RoomKey,
+        query: HistoryQuery,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
         let key = key.clone();
         Box::pin(async move {
             match self.inner.conn() {
@@ -336,7 +418,9 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let Some(broker) = inner.upgrade() else { return };
+        let Some(broker) = inner.upgrade() else {
+            return;
+        };
         match connect(&broker, &rooms).await {
             Ok((conn, pubsub)) => {
                 backoff = Duration::from_millis(100);
@@ -374,7 +458,9 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
                 }
                 broker.connected.send_replace(false);
                 metrics::counter!(metric::REDIS_ERRORS).increment(1);
-                tracing::warn!("redis connection lost: serving this instance alone until it is back");
+                tracing::warn!(
+                    "redis connection lost: serving this instance alone until it is back"
+                );
             }
             Err(e) => {
                 metrics::counter!(metric::REDIS_ERRORS).increment(1);
@@ -416,7 +502,10 @@ fn plan(
     rooms: &mut HashMap<String, RoomKey>,
     last: &mut HashMap<RoomKey, u64>,
 ) -> (Additions, Vec<String>) {
-    let mut add = Additions { channels: Vec::new(), replies: Vec::new() };
+    let mut add = Additions {
+        channels: Vec::new(),
+        replies: Vec::new(),
+    };
     let mut remove = Vec::new();
     for cmd in batch {
         match cmd {
@@ -472,30 +561,51 @@ async fn repair(
     until: Option<u64>,
     last: &mut HashMap<RoomKey, u64>,
 ) {
-    let query = HistoryQuery { since: Some(seen), before: until, limit: 10_000 };
+    let query = HistoryQuery {
+        since: Some(seen),
+        before: until,
+        limit: 10_000,
+    };
     match broker.history(conn, key, query).await {
         Ok(page) => {
             metrics::counter!(metric::GAPS_REPAIRED).increment(page.messages.len() as u64);
             for message in page.messages {
                 last.insert(key.clone(), message.offset);
-                broker.local.deliver(Delivery { key: key.clone(), payload: Payload::Message(message) }).await;
+                broker
+                    .local
+                    .deliver(Delivery {
+                        key: key.clone(),
+                        payload: Payload::Message(message),
+                    })
+                    .await;
             }
         }
-        Err(e) => tracing::warn!(room = %key, error = %e, "gap repair failed; clients recover by offset"),
+        Err(e) => {
+            tracing::warn!(room = %key, error = %e, "gap repair failed; clients recover by offset")
+        }
     }
 }
 
-async fn on_message(broker: &Arc<Inner>, rooms: &HashMap<String, RoomKey>, last: &mut HashMap<RoomKey, u64>, msg: redis::Msg) {
+async fn on_message(
+    broker: &Arc<Inner>,
+    rooms: &HashMap<String, RoomKey>,
+    last: &mut HashMap<RoomKey, u64>,
+    msg: redis::Msg,
+) {
     metrics::counter!(metric::BROKER_RECEIVES).increment(1);
     let channel = msg.get_channel_name();
     for (namespace, channels) in &broker.channels {
         if channel == channels.request {
             let (broker, namespace) = (broker.clone(), namespace.clone());
             let bytes = msg.get_payload_bytes().to_vec();
-            tokio::spawn(async move { request::handle(&broker.request_context(), &namespace, &bytes).await });
+            tokio::spawn(async move {
+                request::handle(&broker.request_context(), &namespace, &bytes).await
+            });
             return;
         }
-        let Some(room) = channels.room_of(channel) else { continue };
+        let Some(room) = channels.room_of(channel) else {
+            continue;
+        };
         let broadcast = match codec::decode_broadcast(msg.get_payload_bytes()) {
             Ok(b) => b,
             Err(e) => {
@@ -507,9 +617,17 @@ async fn on_message(broker: &Arc<Inner>, rooms: &HashMap<String, RoomKey>, last:
             return;
         }
         let targets: Vec<RoomName> = match room {
-            Some(room) => RoomName::new(room).ok().filter(|r| rooms.contains_key(&channels.room(r))).into_iter().collect(),
+            Some(room) => RoomName::new(room)
+                .ok()
+                .filter(|r| rooms.contains_key(&channels.room(r)))
+                .into_iter()
+                .collect(),
             None if broadcast.rooms.is_empty() => vec![RoomName::everyone()],
-            None => broadcast.rooms.iter().filter_map(|r| RoomName::new(r).ok()).collect(),
+            None => broadcast
+                .rooms
+                .iter()
+                .filter_map(|r| RoomName::new(r).ok())
+                .collect(),
         };
         for room in targets {
             let key = RoomKey::new(namespace.clone(), room);
@@ -519,7 +637,12 @@ async fn on_message(broker: &Arc<Inner>, rooms: &HashMap<String, RoomKey>, last:
     }
 }
 
-async fn deliver(broker: &Inner, last: &mut HashMap<RoomKey, u64>, key: RoomKey, broadcast: &Broadcast) {
+async fn deliver(
+    broker: &Inner,
+    last: &mut HashMap<RoomKey, u64>,
+    key: RoomKey,
+    broadcast: &Broadcast,
+) {
     let first = broadcast.args.first().unwrap_or(&rmpv::Value::Nil);
     let payload = match broadcast.event.as_str() {
         "message" => match codec::message_from_arg(&key.namespace, first) {
@@ -542,7 +665,10 @@ async fn deliver(broker: &Inner, last: &mut HashMap<RoomKey, u64>, key: RoomKey,
             }
             None => event_payload(broadcast, first),
         },
-        "presence" => match serde_json::to_string(first).ok().and_then(|t| serde_json::from_str::<PresenceJson>(&t).ok()) {
+        "presence" => match serde_json::to_string(first)
+            .ok()
+            .and_then(|t| serde_json::from_str::<PresenceJson>(&t).ok())
+        {
             Some(p) => Payload::Presence(p.into()),
             None => event_payload(broadcast, first),
         },
@@ -553,7 +679,10 @@ async fn deliver(broker: &Inner, last: &mut HashMap<RoomKey, u64>, key: RoomKey,
 
 fn event_payload(broadcast: &Broadcast, first: &rmpv::Value) -> Payload {
     let data = codec::to_json(first).unwrap_or_else(|_| RawValue::NULL.to_owned());
-    Payload::Event { name: broadcast.event.as_str().into(), data: data.into() }
+    Payload::Event {
+        name: broadcast.event.as_str().into(),
+        data: data.into(),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -565,7 +694,11 @@ struct PresenceJson {
 
 impl From<PresenceJson> for PresenceChange {
     fn from(p: PresenceJson) -> Self {
-        PresenceChange { room: p.room, user: herald_core::UserId::new(p.user), status: p.status }
+        PresenceChange {
+            room: p.room,
+            user: herald_core::UserId::new(p.user),
+            status: p.status,
+        }
     }
 }
 

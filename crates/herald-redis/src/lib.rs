@@ -43,7 +43,8 @@ pub struct RedisSettings {
 
 impl RedisSettings {
     fn client(&self) -> redis::RedisResult<redis::Client> {
-        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())?;
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(self.url.as_str())?;
         if let Some(password) = &self.password {
             let redis = info.redis_settings().clone().set_password(password.clone());
             info = info.set_redis_settings(redis);

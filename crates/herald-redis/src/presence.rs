@@ -69,6 +69,9 @@ struct Inner {
     fallback: MemoryPresence,
     /// This instance's entries, re-sent by each heartbeat.
     local: Mutex<HashMap<(RoomKey, ConnId), UserId>>,
+    /// Serializes the Redis step and the `local` update of one connection's entries, so a
+    /// heartbeat never re-creates an entry being removed, nor takes an arrival from `add`.
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl RedisPresence {
@@ -81,6 +84,7 @@ impl RedisPresence {
             remove: redis::Script::new(REMOVE),
             fallback: MemoryPresence::new(),
             local: Mutex::new(HashMap::new()),
+            stripes: (0..32).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
         tokio::spawn(heartbeat(Arc::downgrade(&inner)));
         Self { inner }
@@ -88,12 +92,28 @@ impl RedisPresence {
 
     /// Removes every entry of this instance at once (a clean shutdown).
     pub async fn clear(&self) {
-        let entries: Vec<_> = self.inner.local.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        let Some(mut conn) = self.inner.broker.command_connection() else { return };
+        let entries: Vec<_> = self
+            .inner
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        let Some(mut conn) = self.inner.broker.command_connection() else {
+            return;
+        };
         for ((key, conn_id), user) in entries {
             let keys = self.inner.keys(&key);
-            let left: Result<Vec<String>, _> =
-                self.inner.remove.key(&keys[0]).key(&keys[1]).key(&keys[2]).arg(conn_id.as_str()).arg(0).invoke_async(&mut conn).await;
+            let left: Result<Vec<String>, _> = self
+                .inner
+                .remove
+                .key(&keys[0])
+                .key(&keys[1])
+                .key(&keys[2])
+                .arg(conn_id.as_str())
+                .arg(0)
+                .invoke_async(&mut conn)
+                .await;
             if let Ok(left) = left {
                 for user in left.into_iter().filter(|u| u == user.as_str()) {
                     self.inner.announce_leave(&key, UserId::new(user)).await;
@@ -104,9 +124,26 @@ impl RedisPresence {
 }
 
 impl Inner {
+    fn stripe(&self, conn: &ConnId) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        conn.hash(&mut hasher);
+        &self.stripes[hasher.finish() as usize % self.stripes.len()]
+    }
+
+    fn is_local(&self, key: &RoomKey, conn: &ConnId) -> bool {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(key.clone(), conn.clone()))
+    }
+
     /// conns hash, expiry zset, users hash (one hash tag per room), and the rooms index.
     fn keys(&self, key: &RoomKey) -> [String; 4] {
-        let tag = format!("herald:{{{}#{}#{}}}", self.settings.key, key.namespace, key.room);
+        let tag = format!(
+            "herald:{{{}#{}#{}}}",
+            self.settings.key, key.namespace, key.room
+        );
         [
             format!("{tag}:presence"),
             format!("{tag}:presence-expiry"),
@@ -119,7 +156,13 @@ impl Inner {
         now_ms() + i64::try_from(self.settings.presence_ttl.as_millis()).unwrap_or(i64::MAX / 2)
     }
 
-    async fn upsert(&self, conn: &mut ConnectionManager, key: &RoomKey, id: &ConnId, user: &UserId) -> redis::RedisResult<bool> {
+    async fn upsert(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &RoomKey,
+        id: &ConnId,
+        user: &UserId,
+    ) -> redis::RedisResult<bool> {
         let keys = self.keys(key);
         let arrived: i64 = self
             .upsert
@@ -137,7 +180,11 @@ impl Inner {
     }
 
     async fn announce_leave(&self, key: &RoomKey, user: UserId) {
-        let change = PresenceChange { room: key.room.clone(), user, status: PresenceStatus::Leave };
+        let change = PresenceChange {
+            room: key.room.clone(),
+            user,
+            status: PresenceStatus::Leave,
+        };
         if let Err(e) = self.broker.publish_presence(key.clone(), change).await {
             tracing::warn!(room = %key, error = %e, "presence leave announcement failed");
         }
@@ -146,14 +193,30 @@ impl Inner {
     /// Removes expired entries everywhere and announces the users who left.
     async fn sweep(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
         let index = format!("herald:{}:presence-rooms", self.settings.key);
-        let rooms: Vec<String> = redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).query_async(conn).await?;
+        let rooms: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
         for id in rooms {
-            let Some((namespace, room)) = id.rsplit_once('#') else { continue };
-            let Ok(room) = RoomName::new(room) else { continue };
+            let Some((namespace, room)) = id.rsplit_once('#') else {
+                continue;
+            };
+            let Ok(room) = RoomName::new(room) else {
+                continue;
+            };
             let key = RoomKey::new(Namespace::new(namespace), room);
             let keys = self.keys(&key);
-            let left: Vec<String> =
-                self.remove.key(&keys[0]).key(&keys[1]).key(&keys[2]).arg("").arg(now_ms()).invoke_async(conn).await?;
+            let left: Vec<String> = self
+                .remove
+                .key(&keys[0])
+                .key(&keys[1])
+                .key(&keys[2])
+                .arg("")
+                .arg(now_ms())
+                .invoke_async(conn)
+                .await?;
             metrics::counter!(metric::PRESENCE_EXPIRED).increment(left.len() as u64);
             for user in left {
                 tracing::info!(room = %key, user, "presence expired");
@@ -162,7 +225,11 @@ impl Inner {
             // A room whose entries are all gone leaves the index.
             let remaining: u64 = redis::cmd("ZCARD").arg(&keys[1]).query_async(conn).await?;
             if remaining == 0 {
-                redis::cmd("ZREM").arg(&index).arg(&id).exec_async(conn).await?;
+                redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&id)
+                    .exec_async(conn)
+                    .await?;
             }
         }
         Ok(())
@@ -179,7 +246,9 @@ async fn heartbeat(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let Some(mut conn) = inner.broker.command_connection() else { continue };
+        let Some(mut conn) = inner.broker.command_connection() else {
+            continue;
+        };
         let entries: Vec<_> = inner
             .local
             .lock()
@@ -189,6 +258,10 @@ async fn heartbeat(inner: Weak<Inner>) {
             .collect();
         metrics::gauge!(metric::PRESENCE_ENTRIES).set(entries.len() as f64);
         for (key, id, user) in entries {
+            let _entry = inner.stripe(&id).lock().await;
+            if !inner.is_local(&key, &id) {
+                continue;
+            }
             if let Err(e) = inner.upsert(&mut conn, &key, &id, &user).await {
                 tracing::debug!(error = %e, "presence heartbeat failed");
                 break;
@@ -201,25 +274,46 @@ async fn heartbeat(inner: Weak<Inner>) {
 }
 
 impl Presence for RedisPresence {
-    fn add(&self, key: &RoomKey, user: &UserId, conn: &ConnId) -> BoxFuture<'_, Result<bool, PresenceError>> {
+    fn add(
+        &self,
+        key: &RoomKey,
+        user: &UserId,
+        conn: &ConnId,
+    ) -> BoxFuture<'_, Result<bool, PresenceError>> {
         let (key, user, id) = (key.clone(), user.clone(), conn.clone());
         Box::pin(async move {
+            let _entry = self.inner.stripe(&id).lock().await;
+            let arrived = match self.inner.broker.command_connection() {
+                Some(mut conn) => self
+                    .inner
+                    .upsert(&mut conn, &key, &id, &user)
+                    .await
+                    .map_err(unavailable),
+                None => self.inner.fallback.add(&key, &user, &id).await,
+            };
             self.inner
                 .local
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert((key.clone(), id.clone()), user.clone());
-            match self.inner.broker.command_connection() {
-                Some(mut conn) => self.inner.upsert(&mut conn, &key, &id, &user).await.map_err(unavailable),
-                None => self.inner.fallback.add(&key, &user, &id).await,
-            }
+                .insert((key, id), user);
+            arrived
         })
     }
 
-    fn remove(&self, key: &RoomKey, user: &UserId, conn: &ConnId) -> BoxFuture<'_, Result<bool, PresenceError>> {
+    fn remove(
+        &self,
+        key: &RoomKey,
+        user: &UserId,
+        conn: &ConnId,
+    ) -> BoxFuture<'_, Result<bool, PresenceError>> {
         let (key, user, id) = (key.clone(), user.clone(), conn.clone());
         Box::pin(async move {
-            self.inner.local.lock().unwrap_or_else(|e| e.into_inner()).remove(&(key.clone(), id.clone()));
+            let _entry = self.inner.stripe(&id).lock().await;
+            self.inner
+                .local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(key.clone(), id.clone()));
             let fallback = self.inner.fallback.remove(&key, &user, &id).await;
             match self.inner.broker.command_connection() {
                 Some(mut conn) => {
@@ -248,8 +342,11 @@ impl Presence for RedisPresence {
             match self.inner.broker.command_connection() {
                 Some(mut conn) => {
                     let keys = self.inner.keys(&key);
-                    let mut users: Vec<String> =
-                        redis::cmd("HKEYS").arg(&keys[2]).query_async(&mut conn).await.map_err(unavailable)?;
+                    let mut users: Vec<String> = redis::cmd("HKEYS")
+                        .arg(&keys[2])
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
                     users.sort_unstable();
                     Ok(users.into_iter().map(UserId::new).collect())
                 }

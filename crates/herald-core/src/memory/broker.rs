@@ -178,8 +178,8 @@ mod tests {
     use super::*;
     use crate::testsuite::Recorder;
 
-    crate::broker_test_suite!(|sink| async move {
-        Arc::new(MemoryBroker::new(crate::testsuite::HISTORY_SIZE, sink)) as Arc<dyn Broker>
+    crate::broker_test_suite!(|node: Arc<dyn crate::LocalNode>| async move {
+        Arc::new(MemoryBroker::new(crate::testsuite::HISTORY_SIZE, node)) as Arc<dyn Broker>
     });
 
     #[tokio::test]
