@@ -44,6 +44,60 @@ impl LocalNode for RecorderNode {
     }
 }
 
+/// A Redis for tests: `REDIS_URL` when set, otherwise a private `redis-server` (from PATH)
+/// on a free port, started once per test process and stopped when that process exits.
+pub fn redis_url() -> String {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            return url;
+        }
+        let (url, port) = start_redis();
+        wait_for_port(port);
+        url
+    })
+    .clone()
+}
+
+/// Starts a private `redis-server` on a free port, watched by a shell that stops it when this
+/// process exits. Returns its URL and port.
+pub fn start_redis() -> (String, u16) {
+    let port = free_port();
+    let script = format!(
+        "(redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no & pid=$!; \
+          while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid) >/dev/null 2>&1 &",
+        parent = std::process::id()
+    );
+    let started = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .status();
+    assert!(
+        started.is_ok_and(|s| s.success()),
+        "redis-server must be on PATH (or set REDIS_URL)"
+    );
+    (format!("redis://127.0.0.1:{port}"), port)
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits (up to 10 s) until something accepts connections on `port`.
+pub fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port} after 10s");
+}
+
 /// The history cap the broker factories are expected to use.
 pub const HISTORY_SIZE: usize = 5;
 

@@ -2,46 +2,14 @@
 //! otherwise a private `redis-server` started for this test run. Each engine gets its own
 //! key prefix.
 
-use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::{Broker, LocalNode, Namespace, Presence};
 use herald_redis::{RedisBroker, RedisPresence, RedisSettings};
 
-/// A Redis for this test binary. A private server is watched by a shell that stops it when
-/// the test process exits.
 fn redis_url() -> String {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("REDIS_URL") {
-            return url;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let script = format!(
-            "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no >/dev/null & \
-             pid=$!; while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid",
-            parent = std::process::id()
-        );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH (or set REDIS_URL)");
-        let url = format!("redis://127.0.0.1:{port}");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return url;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start on port {port}");
-    })
-    .clone()
+    herald_core::testsuite::redis_url()
 }
 
 fn settings() -> RedisSettings {
