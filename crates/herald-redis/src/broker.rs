@@ -592,10 +592,10 @@ async fn on_message(
     last: &mut HashMap<RoomKey, u64>,
     msg: redis::Msg,
 ) {
-    metrics::counter!(metric::BROKER_RECEIVES).increment(1);
     let channel = msg.get_channel_name();
     for (namespace, channels) in &broker.channels {
         if channel == channels.request {
+            metrics::counter!(metric::BROKER_RECEIVES, "kind" => "request").increment(1);
             let (broker, namespace) = (broker.clone(), namespace.clone());
             let bytes = msg.get_payload_bytes().to_vec();
             tokio::spawn(async move {
@@ -606,6 +606,8 @@ async fn on_message(
         let Some(room) = channels.room_of(channel) else {
             continue;
         };
+        let kind = if room.is_some() { "room" } else { "namespace" };
+        metrics::counter!(metric::BROKER_RECEIVES, "kind" => kind).increment(1);
         let broadcast = match codec::decode_broadcast(msg.get_payload_bytes()) {
             Ok(b) => b,
             Err(e) => {

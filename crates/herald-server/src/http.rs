@@ -34,6 +34,9 @@ const RESERVED_EVENTS: &[&str] = &[
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/assets/{file}", get(asset))
+        .route("/stats.json", get(stats_json))
+        .route("/dev/token", post(dev_token))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -159,8 +162,49 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn index() -> Html<&'static str> {
-    Html(include_str!("../../../web/index.html"))
+/// The test page at `/`: connect clients, join rooms, send events and watch them arrive.
+async fn index() -> Response {
+    let headers = [(header::CACHE_CONTROL, "no-cache")];
+    (headers, Html(include_str!("../../../web/index.html"))).into_response()
+}
+
+/// The page's files, embedded so that the binary serves the page offline:
+/// (name under `/assets/`, content type, cache policy, contents).
+const ASSETS: &[(&str, &str, &str, &[u8])] = &[
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        "no-cache",
+        include_bytes!("../../../web/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        "no-cache",
+        include_bytes!("../../../web/app.css"),
+    ),
+    // socket.io-client's browser build, vendored by web/vendor/update.sh.
+    (
+        "socket.io.min.js",
+        "text/javascript; charset=utf-8",
+        "public, max-age=86400",
+        include_bytes!("../../../web/vendor/socket.io.min.js"),
+    ),
+];
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, ..)| *name == file) {
+        Some((_, content_type, cache, body)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::CACHE_CONTROL, *cache),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn health() -> Json<Value> {
@@ -172,7 +216,15 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         let body = json!({ "ready": false, "reason": "draining" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    Json(json!({ "ready": true, "broker": "memory", "instance": state.hub.instance() }))
+    let broker = match &state.broker_connected {
+        None => "memory",
+        Some(connected) if *connected.borrow() => "redis",
+        Some(_) => {
+            let body = json!({ "ready": false, "reason": "redis unavailable: serving this instance alone" });
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+    };
+    Json(json!({ "ready": true, "broker": broker, "instance": state.hub.instance() }))
         .into_response()
 }
 
@@ -333,5 +385,181 @@ fn namespace(state: &AppState, given: Option<&str>) -> Result<Namespace, ApiErro
         Err(ApiError::BadRequest(format!(
             "unknown namespace {namespace}"
         )))
+    }
+}
+
+/// `GET /stats.json`: this instance's counters for the page's live chart. Public, so it holds
+/// counters only, never room or user names. `published` and `delivered` count since the
+/// process started.
+async fn stats_json(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render();
+    let body = json!({
+        "instance": state.hub.instance(),
+        "connections": state.connections(),
+        "published": counter_total(&text, crate::metrics::MESSAGES_PUBLISHED),
+        "delivered": counter_total(&text, crate::metrics::MESSAGES_DELIVERED),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "dev_mode": state.dev_mode(),
+    });
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+/// The sum of every series of the counter `name` in Prometheus text: `name 3` and
+/// `name{label="v"} 4` lines (label values may hold spaces, braces and escaped quotes).
+fn counter_total(text: &str, name: &str) -> u64 {
+    /// What follows the closing brace of a label set that `labels` starts inside.
+    fn after_labels(labels: &str) -> Option<&str> {
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in labels.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '}' if !quoted => return Some(&labels[i + 1..]),
+                _ => {}
+            }
+        }
+        None
+    }
+    let total: f64 = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labels) => after_labels(labels)?,
+                None => rest,
+            };
+            if !rest.starts_with([' ', '\t']) {
+                return None; // another metric whose name starts with `name`
+            }
+            let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
+            (value.is_finite() && value >= 0.0).then_some(value)
+        })
+        .sum();
+    total.round() as u64
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    sub: String,
+    rooms: Option<Vec<String>>,
+}
+
+/// How long a token from `POST /dev/token` is valid.
+const DEV_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `POST /dev/token` `{sub, rooms?}` → `{ok, token, sub, expires_in}`: a short-lived token for
+/// the page's "mint dev token" button. It exists only in dev mode ([`AppState::dev_mode`]); in
+/// production it is a 404 like any unknown path. Browsers may call it from this server's own
+/// page only, so that another site open in the developer's browser cannot mint tokens.
+async fn dev_token(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let not_found = || Ok(StatusCode::NOT_FOUND.into_response());
+    if !state.dev_mode() {
+        return not_found();
+    }
+    if !same_origin(&headers) {
+        return Err(ClientError::new(
+            ErrorCode::Forbidden,
+            "dev tokens are minted for this server's own page only",
+        )
+        .into());
+    }
+    let secret = match (&state.config.jwt_secret, &state.config.jwt_public_key) {
+        (Some(secret), _) => secret.clone(),
+        (None, None) => crate::auth::dev_secret(&state.config.data_dir)
+            .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))?,
+        // HERALD_AUTH=off with only a public key: herald holds no key to sign with.
+        (None, Some(_)) => return not_found(),
+    };
+    let request: DevTokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{sub, rooms?}}: {e}")))?;
+    let personal = RoomName::personal(&UserId::new(request.sub.as_str()));
+    if request.sub.is_empty() || RoomName::new(personal.as_str()).is_err() {
+        return Err(ApiError::BadRequest(
+            "sub must be a valid user id (letters, digits, _ - : . @ / = +)".into(),
+        ));
+    }
+    if let Some(rooms) = &request.rooms
+        && (rooms.len() > 64 || rooms.iter().any(|r| r.is_empty() || r.len() > 128))
+    {
+        return Err(ApiError::BadRequest(
+            "rooms takes at most 64 patterns of 1 to 128 bytes".into(),
+        ));
+    }
+    let token = crate::auth::mint(&secret, &request.sub, request.rooms, DEV_TOKEN_TTL)
+        .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))?;
+    tracing::info!(sub = %request.sub, "minted a development token for the page");
+    let body = json!({
+        "ok": true,
+        "token": token,
+        "sub": request.sub,
+        "expires_in": DEV_TOKEN_TTL.as_secs(),
+    });
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
+}
+
+/// Whether a request comes from a page of this server: no `Origin` (not a browser, or a
+/// same-origin GET), or an `Origin` naming the `Host` the request was sent to.
+fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((origin_host, host), (Some(a), Some(b)) if a.eq_ignore_ascii_case(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{counter_total, same_origin};
+    use axum::http::{HeaderMap, HeaderValue, header};
+
+    #[test]
+    fn same_origin_compares_the_origin_with_the_host() {
+        let headers = |origin: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:3000"));
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_static(o));
+            }
+            h
+        };
+        assert!(same_origin(&headers(None)));
+        assert!(same_origin(&headers(Some("http://127.0.0.1:3000"))));
+        assert!(same_origin(&headers(Some("https://127.0.0.1:3000"))));
+        assert!(!same_origin(&headers(Some("http://evil.example"))));
+        assert!(!same_origin(&headers(Some("http://127.0.0.1:3001"))));
+        assert!(!same_origin(&headers(Some("null"))));
+    }
+
+    #[test]
+    fn counter_total_sums_every_series_of_exactly_that_counter() {
+        let text = r#"# HELP herald_messages_published_total Messages published
+# TYPE herald_messages_published_total counter
+herald_messages_published_total 3
+herald_messages_published_total{namespace="/"} 4
+herald_messages_published_total{reason="a } b \" c",x="y"} 5
+herald_messages_published_total_extra 100
+herald_messages_published_totally{a="b"} 100
+herald_messages_delivered_total{transport="socketio"} 1.5e1
+herald_messages_delivered_total{transport="ws"} 2
+"#;
+        assert_eq!(counter_total(text, "herald_messages_published_total"), 12);
+        assert_eq!(counter_total(text, "herald_messages_delivered_total"), 17);
+        assert_eq!(counter_total(text, "herald_missing_total"), 0);
+    }
+
+    #[test]
+    fn counter_total_skips_unreadable_lines() {
+        let text = "c 2\nc{broken=\"x\" 9\nc NaN\nc -1\nc +Inf\nc\nc{} 1\n";
+        assert_eq!(counter_total(text, "c"), 3);
     }
 }

@@ -40,10 +40,10 @@ use anyhow::Context;
 use herald_core::memory::{MemoryBroker, MemoryPresence};
 use herald_core::{Broker, Namespace, Presence};
 use herald_redis::{RedisBroker, RedisPresence, RedisSettings};
-use tokio::sync::watch;
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -125,7 +125,10 @@ impl Engines {
     fn start(config: &Config, router: &hub::Router) -> anyhow::Result<Self> {
         let Some(url) = &config.redis_url else {
             return Ok(Self {
-                broker: Arc::new(MemoryBroker::new(config.history_size, Arc::new(router.clone()))),
+                broker: Arc::new(MemoryBroker::new(
+                    config.history_size,
+                    Arc::new(router.clone()),
+                )),
                 presence: Arc::new(MemoryPresence::new()),
                 connected: None,
                 redis_presence: None,
@@ -133,7 +136,10 @@ impl Engines {
         };
         let settings = RedisSettings {
             url: url.clone(),
-            password: config.redis_password.as_ref().map(|p| p.expose().to_owned()),
+            password: config
+                .redis_password
+                .as_ref()
+                .map(|p| p.expose().to_owned()),
             key: config.redis_key.clone(),
             namespaces: config.namespaces.clone(),
             history_size: config.history_size,
@@ -141,7 +147,10 @@ impl Engines {
             presence_ttl: config.presence_ttl,
             uid: random_id(16),
         };
-        let broker = Arc::new(RedisBroker::start(settings.clone(), Arc::new(router.clone())).context("configuring redis")?);
+        let broker = Arc::new(
+            RedisBroker::start(settings.clone(), Arc::new(router.clone()))
+                .context("configuring redis")?,
+        );
         let presence = Arc::new(RedisPresence::start(settings, broker.clone()));
         Ok(Self {
             connected: Some(broker.connected()),
