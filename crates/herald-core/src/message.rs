@@ -99,4 +99,17 @@ impl Payload {
 pub struct Delivery {
     pub key: RoomKey,
     pub payload: Payload,
+    /// Members of any of these rooms (or connections with these ids) are skipped, as with
+    /// Socket.IO's `except`.
+    pub except: Vec<RoomName>,
+}
+
+impl Delivery {
+    pub fn new(key: RoomKey, payload: Payload) -> Self {
+        Self {
+            key,
+            payload,
+            except: Vec::new(),
+        }
+    }
 }

@@ -573,10 +573,7 @@ async fn repair(
                 last.insert(key.clone(), message.offset);
                 broker
                     .local
-                    .deliver(Delivery {
-                        key: key.clone(),
-                        payload: Payload::Message(message),
-                    })
+                    .deliver(Delivery::new(key.clone(), Payload::Message(message)))
                     .await;
             }
         }
@@ -676,7 +673,19 @@ async fn deliver(
         },
         _ => event_payload(broadcast, first),
     };
-    broker.local.deliver(Delivery { key, payload }).await;
+    let except = broadcast
+        .except
+        .iter()
+        .filter_map(|r| RoomName::new(r).ok())
+        .collect();
+    broker
+        .local
+        .deliver(Delivery {
+            key,
+            payload,
+            except,
+        })
+        .await;
 }
 
 fn event_payload(broadcast: &Broadcast, first: &rmpv::Value) -> Payload {

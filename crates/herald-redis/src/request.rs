@@ -118,10 +118,8 @@ pub async fn handle(ctx: &Context, namespace: &Namespace, bytes: &[u8]) {
     if let (Some(response), Some(channels), Some(mut conn)) =
         (response, ctx.channels.get(namespace), ctx.conn.clone())
     {
-        let channel = match request.get("uid").and_then(Value::as_str) {
-            Some(uid) => channels.response_for(uid),
-            None => channels.response.clone(),
-        };
+        // Requesters listen on the shared response channel and match their request ids.
+        let channel = channels.response.clone();
         let sent = redis::cmd("PUBLISH")
             .arg(channel)
             .arg(response.to_string())
@@ -179,7 +177,7 @@ async fn broadcast(ctx: &Context, namespace: &Namespace, request: &Value) -> usi
     let rooms = if opts.rooms.is_empty() {
         vec![RoomName::everyone()]
     } else {
-        opts.rooms
+        opts.rooms.clone()
     };
     for room in &rooms {
         let payload = Payload::Event {
@@ -190,6 +188,7 @@ async fn broadcast(ctx: &Context, namespace: &Namespace, request: &Value) -> usi
             .deliver(Delivery {
                 key: RoomKey::new(namespace.clone(), room.clone()),
                 payload,
+                except: opts.except.clone(),
             })
             .await;
     }

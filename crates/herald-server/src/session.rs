@@ -19,7 +19,10 @@ pub struct Session {
     conn: Arc<Conn>,
     namespace: Namespace,
     identity: Identity,
+    /// Rooms the client joined (and its personal room), which it may publish to.
     rooms: HashSet<RoomName>,
+    /// Rooms the server keeps the connection in: its namespace's everyone room and its id.
+    internal: Vec<RoomName>,
     max_payload: usize,
     control: Option<mpsc::UnboundedReceiver<Control>>,
 }
@@ -41,23 +44,35 @@ impl Session {
             namespace,
             identity,
             rooms: HashSet::new(),
+            internal: Vec::new(),
             max_payload,
             control: Some(control),
         };
-        for room in [
-            RoomName::personal(&session.identity.user),
-            RoomName::everyone(),
-        ] {
-            if let Err(e) = session
+        // The everyone room takes namespace-wide broadcasts. The connection's own id is a room
+        // too, as a Socket.IO socket's is, so other servers can address it (`io.to(sid)`).
+        let own = RoomName::new(session.conn.id.as_str()).ok();
+        session.internal = [Some(RoomName::everyone()), own]
+            .into_iter()
+            .flatten()
+            .collect();
+        let personal = RoomName::personal(&session.identity.user);
+        let rooms: Vec<RoomName> = session
+            .internal
+            .iter()
+            .chain([&personal])
+            .cloned()
+            .collect();
+        for room in rooms {
+            let joined = session
                 .hub
                 .join(&session.conn, session.key(&room), None, false)
-                .await
-            {
+                .await;
+            if let Err(e) = joined {
                 session.close().await;
                 return Err(e);
             }
-            session.rooms.insert(room);
         }
+        session.rooms.insert(personal);
         Ok(session)
     }
 
@@ -202,10 +217,13 @@ impl Session {
                 .leave(&self.conn, &self.key(&room), tracks_presence(&room))
                 .await;
         }
+        for room in std::mem::take(&mut self.internal) {
+            self.hub.leave(&self.conn, &self.key(&room), false).await;
+        }
     }
 }
 
-/// Presence is tracked in the rooms users choose, not in personal or everyone rooms.
+/// Presence is tracked in the rooms users choose, not in personal rooms.
 fn tracks_presence(room: &RoomName) -> bool {
-    room.owner().is_none() && !room.is_everyone()
+    room.owner().is_none()
 }

@@ -57,7 +57,7 @@ impl MemoryBroker {
     async fn deliver_in_order(&self, key: RoomKey, payload: Payload) {
         let room = self.room(&key);
         let _order = room.lock().await;
-        self.sink.deliver(Delivery { key, payload }).await;
+        self.sink.deliver(Delivery::new(key, payload)).await;
     }
 }
 
@@ -79,7 +79,7 @@ impl Broker for MemoryBroker {
                 log.history.push_back(message.clone());
             }
             let payload = Payload::Message(message.clone());
-            self.sink.deliver(Delivery { key, payload }).await;
+            self.sink.deliver(Delivery::new(key, payload)).await;
             Ok(message)
         })
     }

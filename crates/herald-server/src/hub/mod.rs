@@ -189,10 +189,12 @@ impl Router {
                 selector.rooms.is_empty() || picks(&selector.rooms, id, rooms)
             })
             .filter(|(id, (_, rooms))| !picks(&selector.except, id, rooms))
-            .map(|(id, (user, rooms))| LocalSocket {
-                id,
-                user,
-                rooms: rooms.into_iter().filter(|r| !r.is_everyone()).collect(),
+            .map(|(id, (user, rooms))| {
+                let rooms = rooms
+                    .into_iter()
+                    .filter(|r| !r.is_everyone() && r.as_str() != id.as_str())
+                    .collect();
+                LocalSocket { id, user, rooms }
             })
             .collect()
     }
@@ -201,9 +203,19 @@ impl Router {
 impl DeliverySink for Router {
     fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if self
-                .shard(&delivery.key)
-                .send(ShardCmd::Deliver(delivery))
+            let excluded = if delivery.except.is_empty() {
+                None
+            } else {
+                let selector = Selector {
+                    rooms: delivery.except.clone(),
+                    except: Vec::new(),
+                };
+                let skip = self.select(&delivery.key.namespace, &selector).await;
+                Some(Arc::new(skip.into_iter().map(|s| s.id).collect()))
+            };
+            let shard = self.shard(&delivery.key);
+            if shard
+                .send(ShardCmd::Deliver(delivery, excluded))
                 .await
                 .is_err()
             {

@@ -1,7 +1,7 @@
 //! One shard of the local room index: a task that owns its rooms and their members, and
 //! applies deliveries, joins and leaves in the order they arrive.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use crate::transport::sio;
 const RECOVERY_BUFFER: usize = 10_000;
 
 pub(super) enum ShardCmd {
-    /// Fan a delivery out to the room's local members.
-    Deliver(Delivery),
+    /// Fan a delivery out to the room's local members, but for the excluded connections.
+    Deliver(Delivery, Option<Arc<HashSet<ConnId>>>),
     /// Add a member; a recovering one buffers deliveries until it has caught up. Replies
     /// false if it was a member already.
     Join {
@@ -96,7 +96,7 @@ impl Shard {
             };
             let Some(cmd) = cmd else { break };
             match cmd {
-                ShardCmd::Deliver(delivery) => self.deliver(delivery).await,
+                ShardCmd::Deliver(delivery, excluded) => self.deliver(delivery, excluded).await,
                 ShardCmd::Join {
                     conn,
                     key,
@@ -123,7 +123,7 @@ impl Shard {
         }
     }
 
-    async fn deliver(&mut self, delivery: Delivery) {
+    async fn deliver(&mut self, delivery: Delivery, excluded: Option<Arc<HashSet<ConnId>>>) {
         let Some(room) = self.rooms.get_mut(&delivery.key) else {
             return;
         };
@@ -131,6 +131,12 @@ impl Shard {
         let mut delivered = 0u64;
         let mut dropped = 0u64;
         for member in room.members.values_mut() {
+            if excluded
+                .as_ref()
+                .is_some_and(|skip| skip.contains(&member.conn.id))
+            {
+                continue;
+            }
             if let Some(pending) = &mut member.recovering {
                 if pending.len() < RECOVERY_BUFFER {
                     pending.push(out.clone());
@@ -154,7 +160,7 @@ impl Shard {
         if room.live_sio > 0
             && let Some(io) = self.sio.get()
         {
-            let failed = sio::emit_room(io, &delivery.key, &out.payload).await;
+            let failed = sio::emit_room(io, &delivery.key, &delivery.except, &out.payload).await;
             delivered += room.live_sio.saturating_sub(failed) as u64;
             dropped += failed as u64;
         }

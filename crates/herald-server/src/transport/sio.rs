@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herald_core::{ConnId, Namespace, Payload, RoomKey};
+use herald_core::{ConnId, Namespace, Payload, RoomKey, RoomName};
 use serde::Deserialize;
 use serde_json::Value;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
@@ -267,15 +267,21 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
 
 /// Broadcasts one delivery to the room's live Socket.IO members on this instance, encoded
 /// once. Returns how many members it could not reach.
-pub(crate) async fn emit_room(io: &SocketIo, key: &RoomKey, payload: &Payload) -> usize {
+pub(crate) async fn emit_room(
+    io: &SocketIo,
+    key: &RoomKey,
+    except: &[RoomName],
+    payload: &Payload,
+) -> usize {
     let Some(ns) = io.of(key.namespace.as_str()) else {
         return 0;
     };
-    let room = key.room.as_str().to_owned();
+    let except: Vec<String> = except.iter().map(|r| r.as_str().to_owned()).collect();
+    let to = ns.to(key.room.as_str().to_owned()).except(except);
     let result = match payload {
-        Payload::Message(message) => ns.to(room).emit("message", &**message).await,
-        Payload::Presence(change) => ns.to(room).emit("presence", change).await,
-        Payload::Event { name, data } => ns.to(room).emit(&**name, &**data).await,
+        Payload::Message(message) => to.emit("message", &**message).await,
+        Payload::Presence(change) => to.emit("presence", change).await,
+        Payload::Event { name, data } => to.emit(&**name, &**data).await,
     };
     match result {
         Ok(()) => 0,
