@@ -62,9 +62,21 @@ pub fn redis_url() -> String {
 /// Starts a private `redis-server` on a free port, watched by a shell that stops it when this
 /// process exits. Returns its URL and port.
 pub fn start_redis() -> (String, u16) {
+    start_redis_with(&[])
+}
+
+/// [`start_redis`] with extra `redis-server` arguments, such as `--requirepass`.
+pub fn start_redis_with(args: &[&str]) -> (String, u16) {
     let port = free_port();
+    restart_redis(port, args);
+    (format!("redis://127.0.0.1:{port}"), port)
+}
+
+/// Starts `redis-server` on `port` (again), stopped when this process exits.
+pub fn restart_redis(port: u16, args: &[&str]) {
+    let extra = args.join(" ");
     let script = format!(
-        "(redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no & pid=$!; \
+        "(redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no {extra} & pid=$!; \
           while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid) >/dev/null 2>&1 &",
         parent = std::process::id()
     );
@@ -76,7 +88,6 @@ pub fn start_redis() -> (String, u16) {
         started.is_ok_and(|s| s.success()),
         "redis-server must be on PATH (or set REDIS_URL)"
     );
-    (format!("redis://127.0.0.1:{port}"), port)
 }
 
 /// A TCP port nothing listens on right now.

@@ -373,16 +373,7 @@ async fn the_fleet_recovers_by_itself_when_redis_restarts() {
         "local delivery goes on while Redis is away: {ack}"
     );
 
-    let script = format!(
-        "(redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no & pid=$!; \
-          while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid) >/dev/null 2>&1 &",
-        parent = std::process::id()
-    );
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .status()
-        .expect("restart redis");
+    testsuite::restart_redis(port, &[]);
     for instance in &fleet {
         instance.wait_ready(true).await;
     }
@@ -397,4 +388,38 @@ async fn the_fleet_recovers_by_itself_when_redis_restarts() {
         got
     };
     assert_eq!(got["data"], "back", "cross-instance delivery is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_redis_is_reached_with_redis_password() {
+    let (url, port) = testsuite::start_redis_with(&["--requirepass", "s3cret-pass"]);
+    testsuite::wait_for_port(port);
+    let key = prefix();
+    let locked = Instance::start(&url, &key, "nopass", &[]);
+    let open = Instance::start(&url, &key, "pass", &[("REDIS_PASSWORD", "s3cret-pass")]);
+    open.wait_ready(true).await;
+    assert!(
+        !locked.ready().await,
+        "without the password the instance serves alone and is not ready"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_removes_presence_at_once() {
+    let mut fleet = fleet(2, &[("HERALD_PRESENCE_TTL", "60s")]).await;
+    let mut bob = fleet[1].client("bob").await;
+    bob.request(json!({"type": "join", "room": "bye"})).await;
+    let mut alice = fleet[0].client("alice").await;
+    alice.request(json!({"type": "join", "room": "bye"})).await;
+    while bob.next_pushed("presence").await["user"] != "alice" {}
+    let leaving = fleet.remove(0);
+    let terminated = Command::new("kill")
+        .args(["-TERM", &leaving.child.id().to_string()])
+        .status();
+    assert!(terminated.is_ok_and(|s| s.success()));
+    let left = tokio::time::timeout(Duration::from_secs(5), bob.next_pushed("presence")).await;
+    let left = left.expect("alice leaves at once, long before the 60s TTL");
+    assert_eq!(left["status"], "leave");
+    assert_eq!(left["user"], "alice");
+    drop(leaving);
 }

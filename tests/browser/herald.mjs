@@ -1,0 +1,85 @@
+// Starts the herald binary on 127.0.0.1 with an ephemeral port, for the browser tests.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+const STARTUP_TIMEOUT_MS = 20_000;
+
+/**
+ * Spawns `$HERALD_BIN` (default target/debug/herald) with `PORT=0`, a fresh data dir and no
+ * JWT secret, so it runs in dev mode, and resolves once it logs `listening addr=HOST:PORT`.
+ * `env` adds or overrides variables; a value of `undefined` removes one.
+ */
+export async function startHerald({ instanceId = 'page-1', env = {} } = {}) {
+  const bin = process.env.HERALD_BIN ?? join(REPO, 'target/debug/herald');
+  const dataDir = await mkdtemp(join(tmpdir(), 'herald-browser-'));
+  const childEnv = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !/^(HERALD_|JWT_SECRET$|PORT$|INSTANCE_ID$)/.test(k)),
+  );
+  Object.assign(childEnv, {
+    PORT: '0',
+    HERALD_HOST: '127.0.0.1',
+    HERALD_DATA_DIR: dataDir,
+    INSTANCE_ID: instanceId,
+    RUST_LOG: process.env.RUST_LOG ?? 'info',
+    NO_COLOR: '1',
+  });
+  for (const [k, v] of Object.entries(env)) {
+    if (v === undefined) delete childEnv[k];
+    else childEnv[k] = v;
+  }
+
+  const child = spawn(bin, [], { env: childEnv, stdio: ['ignore', 'ignore', 'pipe'] });
+  const logs = [];
+  const addr = await new Promise((resolveAddr, reject) => {
+    let buffered = '';
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`herald did not log "listening addr=..." within ${STARTUP_TIMEOUT_MS} ms:\n${logs.join('\n')}`));
+    }, STARTUP_TIMEOUT_MS);
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (chunk) => {
+      buffered += chunk;
+      let newline;
+      while ((newline = buffered.indexOf('\n')) >= 0) {
+        // eslint-disable-next-line no-control-regex
+        const line = buffered.slice(0, newline).replace(/\x1b\[[0-9;]*m/g, '');
+        buffered = buffered.slice(newline + 1);
+        logs.push(line);
+        const found = /\blistening\b/.test(line) && line.match(/addr=(\S+)/);
+        if (found) {
+          clearTimeout(timer);
+          resolveAddr(found[1]);
+        }
+      }
+    });
+    child.once('error', (error) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot start ${bin}: ${error.message} (build it with cargo build -p herald-server)`));
+    });
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`herald exited before listening (code=${code} signal=${signal}):\n${logs.join('\n')}`));
+    });
+  });
+
+  return {
+    instanceId,
+    url: `http://${addr}`,
+    logs,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        const exited = once(child, 'exit');
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+        await exited;
+        clearTimeout(timer);
+      }
+      await rm(dataDir, { recursive: true, force: true });
+    },
+  };
+}
