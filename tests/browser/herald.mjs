@@ -1,6 +1,7 @@
 // Starts the herald binary on 127.0.0.1 with an ephemeral port, for the browser tests.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { connect, createServer } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -10,13 +11,56 @@ export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 const STARTUP_TIMEOUT_MS = 20_000;
 
 /**
+ * A Redis for a fleet of instances: `$REDIS_URL` when set, otherwise a private `redis-server`
+ * on a free port. Resolves to `{url, stop()}`.
+ */
+export async function startRedis() {
+  if (process.env.REDIS_URL) return { url: process.env.REDIS_URL, async stop() {} };
+  const port = await new Promise((resolvePort, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port: free } = probe.address();
+      probe.close(() => resolvePort(free));
+    });
+  });
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+  child.once('error', (error) => {
+    throw new Error(`redis-server is not on PATH and REDIS_URL is not set: ${error.message}`);
+  });
+  for (let i = 0; i < 200; i++) {
+    const up = await new Promise((resolveUp) => {
+      const socket = connect(port, '127.0.0.1', () => {
+        socket.end();
+        resolveUp(true);
+      });
+      socket.once('error', () => resolveUp(false));
+    });
+    if (up) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    async stop() {
+      if (child.exitCode === null) {
+        const exited = once(child, 'exit');
+        child.kill('SIGTERM');
+        await exited;
+      }
+    },
+  };
+}
+
+/**
  * Spawns `$HERALD_BIN` (default target/debug/herald) with `PORT=0`, a fresh data dir and no
  * JWT secret, so it runs in dev mode, and resolves once it logs `listening addr=HOST:PORT`.
  * `env` adds or overrides variables; a value of `undefined` removes one.
  */
-export async function startHerald({ instanceId = 'page-1', env = {} } = {}) {
+export async function startHerald({ instanceId = 'page-1', env = {}, dataDir } = {}) {
   const bin = process.env.HERALD_BIN ?? join(REPO, 'target/debug/herald');
-  const dataDir = await mkdtemp(join(tmpdir(), 'herald-browser-'));
+  dataDir ??= await mkdtemp(join(tmpdir(), 'herald-browser-'));
   const childEnv = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !/^(HERALD_|JWT_SECRET$|PORT$|INSTANCE_ID$)/.test(k)),
   );

@@ -4,27 +4,34 @@
 //
 // Run: cargo build -p herald-server && (cd tests/browser && npm ci) && node --test tests/browser/
 import assert from 'node:assert/strict';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { REPO, startHerald } from './herald.mjs';
+import { tmpdir } from 'node:os';
+import { REPO, startHerald, startRedis } from './herald.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 const OUTPUT = join(REPO, 'tests/browser/output');
 const WAIT_MS = 10_000;
 
-// The instances the page spreads its clients over, round robin. One for now; a second one
-// sharing Redis joins this list once herald has a Redis broker.
-const INSTANCES = ['page-1'];
+// The instances the page spreads its clients over, round robin: two, sharing one Redis, so
+// every test event crosses instances.
+const INSTANCES = ['page-1', 'page-2'];
 
 let servers = [];
+let redis;
 let browser;
 
 before(async () => {
-  servers = await Promise.all(INSTANCES.map((instanceId) => startHerald({ instanceId })));
+  redis = await startRedis();
+  // One data dir: the instances share the generated development secret, so a token minted
+  // by one is accepted by the other. The first creates it; the second starts after.
+  const dataDir = await mkdtemp(join(tmpdir(), 'herald-browser-fleet-'));
+  const env = { REDIS_URL: redis.url, HERALD_REDIS_KEY: `page-${process.pid}-${Date.now()}` };
+  for (const instanceId of INSTANCES) servers.push(await startHerald({ instanceId, env, dataDir }));
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     args: [
@@ -43,6 +50,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   await Promise.all(servers.map((s) => s.stop()));
+  await redis?.stop();
 });
 
 /** Waits until `fn(arg)` is truthy in the page, failing with `what` and the page's log. */
@@ -175,9 +183,11 @@ test('three clients see a test event, and one recovers what it missed while away
   await page.locator('#load-history').click();
   await until(page, 'three history entries', () => document.querySelectorAll('#history li').length === 3);
   assert.match(await page.locator('#history li').first().innerText(), /#3 .*alice: test event 3 from client 1/);
-  await until(page, 'the instance panel to count 3 connections', () =>
-    /^3 connections/.test(document.querySelector('.instance-stat .numbers')?.textContent ?? ''),
-  );
+  // Clients 1 and 3 are on the first instance, client 2 on the second.
+  await until(page, 'the instance panels to count 2 and 1 connections', () => {
+    const numbers = [...document.querySelectorAll('.instance-stat .numbers')].map((n) => n.textContent ?? '');
+    return numbers.length === 2 && /^2 connections/.test(numbers[0]) && /^1 connection/.test(numbers[1]);
+  });
   assert.match(await page.locator('.instance-stat .title').first().innerText(), /^page-1 · http:\/\/127\.0\.0\.1:\d+$/);
 
   await page.waitForTimeout(1200); // one more stats poll, so the chart has a line
