@@ -8,6 +8,7 @@
 //! - [`broker`]: the [`Broker`] trait, which orders, records and fans out a room's messages
 //!   across instances.
 //! - [`presence`]: the [`Presence`] trait, which tracks which users are in which rooms.
+//! - [`store`]: the [`Store`] and [`PersistQueue`] traits of the durable path.
 //! - [`memory`]: the single-instance engines, used when no Redis is configured.
 //!
 //! The traits are object safe (their methods return [`BoxFuture`]) so that the server picks an
@@ -22,6 +23,7 @@ pub mod memory;
 pub mod message;
 pub mod presence;
 pub mod room;
+pub mod store;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
@@ -32,6 +34,7 @@ pub use broker::{
 pub use message::{Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication};
 pub use presence::{Presence, PresenceError};
 pub use room::{ConnId, Namespace, RoomError, RoomKey, RoomName, RoomPatterns, UserId};
+pub use store::{Entry, PersistQueue, Store, StoreError};
 
 /// A boxed, sendable future: the return type of the engine traits' async methods.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -480,3 +480,103 @@ macro_rules! presence_test_suite {
         )*
     };
 }
+
+fn message_at(key: &RoomKey, offset: u64) -> Arc<crate::Message> {
+    let mut publication = publication(
+        key,
+        &format!("{{\"n\":{offset},\"text\":\"hi, \\\"you\\\"\"}}"),
+    );
+    publication.id = format!("{}-{offset}", key.room);
+    publication.ts = 1_700_000_000_000 + offset as i64;
+    Arc::new(publication.at(offset))
+}
+
+pub async fn store_writes_are_idempotent(store: Arc<dyn crate::Store>) {
+    let key = key("store-idem");
+    let batch: Vec<_> = (1..=5).map(|o| message_at(&key, o)).collect();
+    assert_eq!(store.write(&batch).await.expect("write"), 5);
+    assert_eq!(
+        store.write(&batch).await.expect("rewrite"),
+        0,
+        "a retried batch adds nothing"
+    );
+    let overlap: Vec<_> = (4..=7).map(|o| message_at(&key, o)).collect();
+    assert_eq!(store.write(&overlap).await.expect("overlap"), 2);
+    let all = store
+        .history(
+            &key,
+            HistoryQuery {
+                since: Some(0),
+                before: None,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("history");
+    assert_eq!(offsets(&all), (1..=7).collect::<Vec<_>>());
+    let first = &all[0];
+    assert_eq!(first.id, format!("{}-1", key.room));
+    assert_eq!(first.from.as_str(), "tester");
+    assert_eq!(first.ts, 1_700_000_000_001);
+    let data: serde_json::Value = serde_json::from_str(first.data.get()).expect("json");
+    assert_eq!(data, serde_json::json!({"n": 1, "text": "hi, \"you\""}));
+}
+
+pub async fn store_history_pages_like_the_broker(store: Arc<dyn crate::Store>) {
+    let key = key("store-pages");
+    let other = self::key("store-other");
+    let batch: Vec<_> = (1..=6)
+        .map(|o| message_at(&key, o))
+        .chain([message_at(&other, 1)])
+        .collect();
+    store.write(&batch).await.expect("write");
+    let q = |since, before, limit| HistoryQuery {
+        since,
+        before,
+        limit,
+    };
+    let page = store
+        .history(&key, q(Some(2), None, 2))
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page), vec![3, 4]);
+    let page = store
+        .history(&key, q(None, None, 2))
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page), vec![5, 6]);
+    let page = store
+        .history(&key, q(None, Some(4), 10))
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page), vec![1, 2, 3]);
+    let page = store
+        .history(&key, q(Some(1), Some(4), 10))
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page), vec![2, 3]);
+    let page = store
+        .history(&other, q(Some(0), None, 10))
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page), vec![1], "rooms are separate");
+}
+
+/// Runs the store suite against the store an async factory builds (each call a fresh store).
+#[macro_export]
+macro_rules! store_test_suite {
+    ($make:expr) => {
+        $crate::store_test_suite!(@tests $make;
+            store_writes_are_idempotent,
+            store_history_pages_like_the_broker);
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let store = ($make)().await;
+                $crate::testsuite::$name(store).await;
+            }
+        )*
+    };
+}

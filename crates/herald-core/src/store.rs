@@ -1,0 +1,69 @@
+//! The durable path's engines: the store messages end up in, and the queue that carries them
+//! there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::BoxFuture;
+use crate::broker::HistoryQuery;
+use crate::message::Message;
+use crate::room::RoomKey;
+
+/// A store or queue failure. The worker retries it with backoff; nothing is acknowledged
+/// until it succeeds.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("persist queue closed")]
+    Closed,
+}
+
+/// Where messages are kept for good.
+///
+/// ## Guarantees
+/// - Writes are idempotent: a message already stored (same namespace, room and offset) is
+///   skipped, so a batch written twice (a worker retrying, or two workers racing) yields one
+///   row per message.
+/// - A batch is written in one transaction: all of it or none.
+pub trait Store: Send + Sync + 'static {
+    /// Writes a batch; returns how many rows were new.
+    fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// A room's messages by offset, with the same bounds as [`crate::Broker::history`]:
+    /// the oldest `limit` after `since`, or the newest `limit` before `before`; ascending.
+    fn history(
+        &self,
+        key: &RoomKey,
+        query: HistoryQuery,
+    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>>;
+}
+
+/// One message taken from the persist queue, with the id that acknowledges it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub message: Arc<Message>,
+}
+
+/// The durable queue between publishing and the store.
+///
+/// ## Guarantees
+/// - An entry read but not acknowledged is read again (by this worker after a retry, or by
+///   another after the claim timeout for shared queues), so a message is never lost between
+///   the queue and the store.
+/// - Bounded: a queue that fills up makes publishers wait; it never grows without bound.
+pub trait PersistQueue: Send + Sync + 'static {
+    /// Appends a message. Queues that are appended to by the broker's publish step (Redis)
+    /// do nothing here.
+    fn push(&self, message: Arc<Message>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Up to `max` entries, waiting at most `wait` for the first.
+    fn read(&self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Entry>, StoreError>>;
+
+    /// Acknowledges entries that are safely in the store.
+    fn ack(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Entries waiting to be stored, for metrics.
+    fn len(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+}

@@ -1,0 +1,88 @@
+//! herald's durable path: the stores messages end up in, the in-process persist queue, and
+//! the batching worker between them.
+//!
+//! # Layout
+//!
+//! - [`sqlite`]: the embedded default, one file under the data directory.
+//! - [`postgres`]: PostgreSQL, written with COPY into a staging table.
+//! - [`queue`]: the bounded in-process persist queue of single-instance mode.
+//! - [`worker`]: reads the queue in batches, writes the store, acknowledges after commit.
+//!
+//! Migrations are versioned SQL files under `migrations/<engine>/`, applied at start and by
+//! `herald migrate`.
+
+pub mod postgres;
+pub mod queue;
+pub mod sqlite;
+pub mod worker;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use herald_core::{Message, Namespace, RoomName, Store, StoreError, UserId};
+
+pub use postgres::PostgresStore;
+pub use queue::MemoryQueue;
+pub use sqlite::SqliteStore;
+pub use worker::{Worker, WorkerSettings};
+
+/// Opens (and migrates) the store a URL names: `postgres://…` or `postgresql://…` for
+/// PostgreSQL, `sqlite:…` for SQLite; without one, SQLite at `data_dir/herald.db`.
+pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    match url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PostgresStore::connect(url).await?))
+        }
+        Some(url) if url.starts_with("sqlite:") => Ok(Arc::new(SqliteStore::connect(url).await?)),
+        Some(other) => Err(StoreError::Unavailable(format!(
+            "unsupported database url scheme in {:?}; expected postgres:// or sqlite:",
+            other.split("://").next().unwrap_or(other)
+        ))),
+        None => {
+            std::fs::create_dir_all(data_dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
+            })?;
+            let url = format!("sqlite://{}?mode=rwc", data_dir.join("herald.db").display());
+            Ok(Arc::new(SqliteStore::connect(&url).await?))
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A stored row back as a message.
+struct Row {
+    namespace: String,
+    id: String,
+    room: String,
+    offset: i64,
+    sender: String,
+    payload: String,
+    ts: i64,
+}
+
+impl Row {
+    fn into_message(self) -> Option<Arc<Message>> {
+        Some(Arc::new(Message {
+            namespace: Namespace::new(&self.namespace),
+            room: RoomName::new(&self.room).ok()?,
+            id: self.id,
+            offset: u64::try_from(self.offset).ok()?,
+            from: UserId::new(self.sender),
+            data: serde_json::value::RawValue::from_string(self.payload).ok()?,
+            ts: self.ts,
+        }))
+    }
+}
+
+/// An offset as the databases' signed 64-bit integer.
+fn sql_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// Test databases: a fresh SQLite file, and a fresh PostgreSQL database on `DATABASE_URL` or
+/// on a private server started from the binaries on PATH.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -1,0 +1,126 @@
+//! The batching worker: reads the persist queue in batches, writes them to the store, and
+//! acknowledges only after commit, retrying a failing store with capped backoff.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_core::{Message, PersistQueue, Store};
+
+/// Metric names of the durable path.
+pub mod metric {
+    pub const QUEUE_LENGTH: &str = "herald_persist_queue_length";
+    pub const LAG: &str = "herald_persist_lag_seconds";
+    pub const BATCH_SIZE: &str = "herald_worker_batch_size";
+    pub const BATCH_SECONDS: &str = "herald_worker_batch_seconds";
+    pub const ROWS_WRITTEN: &str = "herald_rows_written_total";
+    pub const RETRIES: &str = "herald_worker_retries_total";
+}
+
+/// How a worker batches.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Names the worker in logs and in a shared queue's consumer group (`WORKER_ID`).
+    pub id: String,
+    /// Most messages per batch (`BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Longest wait to fill a batch (`BATCH_TIMEOUT`).
+    pub batch_timeout: Duration,
+    /// Longest pause between retries of a failing store.
+    pub max_backoff: Duration,
+}
+
+pub struct Worker {
+    queue: Arc<dyn PersistQueue>,
+    store: Arc<dyn Store>,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(
+        queue: Arc<dyn PersistQueue>,
+        store: Arc<dyn Store>,
+        settings: WorkerSettings,
+    ) -> Self {
+        Self {
+            queue,
+            store,
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then stores what is still queued and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tracing::info!(worker = %self.settings.id, batch_size = self.settings.batch_size, "persist worker started");
+        loop {
+            let read = self
+                .queue
+                .read(self.settings.batch_size, self.settings.batch_timeout);
+            let batch = tokio::select! {
+                batch = read => batch,
+                () = &mut shutdown => break,
+            };
+            match batch {
+                Ok(entries) if entries.is_empty() => {}
+                Ok(entries) => self.store_batch(entries).await,
+                Err(e) => {
+                    tracing::warn!(worker = %self.settings.id, error = %e, "persist queue read failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if let Ok(len) = self.queue.len().await {
+                metrics::gauge!(metric::QUEUE_LENGTH).set(len as f64);
+            }
+        }
+        self.drain().await;
+        tracing::info!(worker = %self.settings.id, "persist worker stopped");
+    }
+
+    /// Stores whatever is queued now, without waiting for more.
+    pub async fn drain(&self) {
+        while let Ok(entries) = self
+            .queue
+            .read(self.settings.batch_size, Duration::from_millis(10))
+            .await
+        {
+            if entries.is_empty() {
+                return;
+            }
+            self.store_batch(entries).await;
+        }
+    }
+
+    /// Writes one batch, retrying until the store takes it, then acknowledges it.
+    async fn store_batch(&self, entries: Vec<herald_core::Entry>) {
+        let started = Instant::now();
+        let messages: Vec<Arc<Message>> = entries.iter().map(|e| e.message.clone()).collect();
+        let mut backoff = Duration::from_millis(100);
+        let written = loop {
+            match self.store.write(&messages).await {
+                Ok(written) => break written,
+                Err(e) => {
+                    metrics::counter!(metric::RETRIES).increment(1);
+                    tracing::warn!(worker = %self.settings.id, error = %e, ?backoff, batch = messages.len(), "store write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                }
+            }
+        };
+        let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+        if let Err(e) = self.queue.ack(&ids).await {
+            // Unacknowledged entries come back, and the store skips what it already has.
+            tracing::warn!(worker = %self.settings.id, error = %e, "persist ack failed; entries will be retried");
+        }
+        metrics::counter!(metric::ROWS_WRITTEN).increment(written);
+        metrics::histogram!(metric::BATCH_SIZE).record(messages.len() as f64);
+        metrics::histogram!(metric::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Some(oldest) = messages.iter().map(|m| m.ts).min() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(oldest);
+            metrics::histogram!(metric::LAG).record((now - oldest).max(0) as f64 / 1000.0);
+        }
+    }
+}
