@@ -65,5 +65,5 @@ pub trait PersistQueue: Send + Sync + 'static {
     fn ack(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Entries waiting to be stored, for metrics.
-    fn len(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+    fn backlog(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 }

@@ -58,7 +58,7 @@ impl PersistQueue for MemoryQueue {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn len(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+    fn backlog(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         let queued = self.capacity.saturating_sub(self.tx.capacity());
         Box::pin(std::future::ready(Ok(queued as u64)))
     }

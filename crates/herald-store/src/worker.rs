@@ -69,7 +69,7 @@ impl Worker {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            if let Ok(len) = self.queue.len().await {
+            if let Ok(len) = self.queue.backlog().await {
                 metrics::gauge!(metric::QUEUE_LENGTH).set(len as f64);
             }
         }
