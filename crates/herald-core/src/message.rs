@@ -18,6 +18,9 @@ pub struct Publication {
     pub data: Box<RawValue>,
     /// Publish time, unix milliseconds.
     pub ts: i64,
+    /// The message goes to the durable queue too. A broker with a shared queue (Redis)
+    /// appends it in the publish step itself; otherwise the publisher queues it.
+    pub persist: bool,
 }
 
 impl Publication {

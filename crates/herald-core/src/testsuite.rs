@@ -148,6 +148,7 @@ pub fn publication(key: &RoomKey, data: &str) -> Publication {
         from: UserId::new("tester"),
         data: RawValue::from_string(data.to_owned()).expect("valid test json"),
         ts: 1,
+        persist: false,
     }
 }
 

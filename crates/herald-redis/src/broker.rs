@@ -21,8 +21,9 @@ use crate::{RedisSettings, metric};
 
 /// Assigns the next offset, appends to the room's capped history and publishes, atomically.
 ///
-/// KEYS: offset, history stream, epoch. ARGV: channel, wire head, wire tail, json head, json
-/// tail, history size, TTL seconds, epoch for a new history.
+/// KEYS: offset, history stream, epoch, persist stream. ARGV: channel, wire head, wire tail,
+/// json head, json tail, history size, TTL seconds, epoch for a new history, persist (1/0),
+/// namespace.
 const PUBLISH_SCRIPT: &str = r#"
 local off = redis.call('INCR', KEYS[1])
 if off == 1 then
@@ -38,7 +39,9 @@ local size = tonumber(ARGV[6])
 if size > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
 end
--- The durable persist queue is appended here, in the same step, once it exists.
+if ARGV[9] == '1' then
+  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5])
+end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -151,6 +154,7 @@ impl Inner {
         let channels = self.channels(&publication.key.namespace)?;
         let channel = channels.room(&publication.key.room);
         let keys = room_keys(&self.settings.key, &publication.key);
+        let persist = publication.persist;
         let draft = publication.at(0);
         let parts = codec::message_parts(&self.settings.uid, &draft)
             .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
@@ -160,6 +164,7 @@ impl Inner {
             .key(&keys[0])
             .key(&keys[1])
             .key(&keys[2])
+            .key(crate::persist::stream_key(&self.settings.key))
             .arg(channel)
             .arg(parts.wire_head)
             .arg(parts.wire_tail)
@@ -168,6 +173,8 @@ impl Inner {
             .arg(self.settings.history_size)
             .arg(self.settings.history_ttl.as_secs())
             .arg(new_epoch())
+            .arg(if persist { "1" } else { "0" })
+            .arg(draft.namespace.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;

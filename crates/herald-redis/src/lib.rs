@@ -7,11 +7,13 @@
 //! - [`broker`]: [`RedisBroker`], per-room offsets and history from one Lua step, fan-out over
 //!   per-room channels, gap repair, and single-instance service while Redis is away.
 //! - [`request`]: answers to other servers' requests (`fetchSockets`, `socketsJoin`…).
+//! - [`persist`]: [`RedisQueue`], the persist stream workers read in a consumer group.
 //! - [`presence`]: [`RedisPresence`], presence shared by the fleet, with entries that expire
 //!   when an instance dies.
 
 pub mod broker;
 pub mod codec;
+pub mod persist;
 pub mod presence;
 pub mod request;
 
@@ -19,6 +21,7 @@ use std::time::Duration;
 
 pub use broker::RedisBroker;
 use herald_core::Namespace;
+pub use persist::RedisQueue;
 pub use presence::RedisPresence;
 
 /// How to reach Redis and how to lay out herald's keys in it.
@@ -42,7 +45,7 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
-    fn client(&self) -> redis::RedisResult<redis::Client> {
+    pub(crate) fn client(&self) -> redis::RedisResult<redis::Client> {
         let mut info: redis::ConnectionInfo =
             redis::IntoConnectionInfo::into_connection_info(self.url.as_str())?;
         if let Some(password) = &self.password {

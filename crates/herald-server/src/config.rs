@@ -118,6 +118,26 @@ pub struct Config {
     /// How long a presence entry lives without its instance's heartbeat.
     #[serde(serialize_with = "serialize_duration")]
     pub presence_ttl: Duration,
+    /// PostgreSQL for the store; without it, SQLite at `data_dir/herald.db`.
+    #[serde(serialize_with = "serialize_url")]
+    pub database_url: Option<String>,
+    /// Whether messages are stored at all (`HERALD_PERSIST=off` disables the durable path).
+    pub persist: bool,
+    /// Glob patterns of the rooms that persist; empty means every room.
+    pub persist_rooms: Vec<String>,
+    /// Messages queued in-process for the store before publishers wait (single instance).
+    pub persist_queue: usize,
+    /// Whether `serve` runs the persist worker itself (`herald worker` runs it alone).
+    pub worker: bool,
+    /// The worker's name in logs and in the Redis consumer group; default the instance id.
+    pub worker_id: Option<String>,
+    pub batch_size: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub batch_timeout: Duration,
+    /// How long a Redis persist entry stays pending (its worker presumed dead) before another
+    /// worker claims it.
+    #[serde(serialize_with = "serialize_duration")]
+    pub claim_idle: Duration,
 }
 
 impl Default for Config {
@@ -143,6 +163,15 @@ impl Default for Config {
             redis_key: "socket.io".to_owned(),
             history_ttl: Duration::from_secs(24 * 3600),
             presence_ttl: Duration::from_secs(45),
+            database_url: None,
+            persist: true,
+            persist_rooms: Vec::new(),
+            persist_queue: 10_000,
+            worker: true,
+            worker_id: None,
+            batch_size: 100,
+            batch_timeout: Duration::from_secs(5),
+            claim_idle: Duration::from_secs(30),
         }
     }
 }
@@ -170,6 +199,16 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_REDIS_KEY", "redis_key"),
     ("HERALD_HISTORY_TTL", "history_ttl"),
     ("HERALD_PRESENCE_TTL", "presence_ttl"),
+    ("POSTGRES_URL", "database_url"),
+    ("DATABASE_URL", "database_url"),
+    ("HERALD_PERSIST", "persist"),
+    ("HERALD_PERSIST_ROOMS", "persist_rooms"),
+    ("HERALD_PERSIST_QUEUE", "persist_queue"),
+    ("HERALD_WORKER", "worker"),
+    ("WORKER_ID", "worker_id"),
+    ("BATCH_SIZE", "batch_size"),
+    ("BATCH_TIMEOUT", "batch_timeout"),
+    ("HERALD_CLAIM_IDLE", "claim_idle"),
 ];
 
 impl Config {
@@ -220,11 +259,11 @@ impl Config {
                     .collect();
             }
             "auth" => {
-                self.auth = match value {
-                    "on" | "true" | "1" => AuthMode::On,
-                    "off" | "false" | "0" => AuthMode::Off,
-                    _ => return Err(invalid(&"expected on or off")),
-                }
+                self.auth = if parse_switch(value).map_err(|e| invalid(&e))? {
+                    AuthMode::On
+                } else {
+                    AuthMode::Off
+                };
             }
             "jwt_secret" => self.jwt_secret = Some(Secret::new(value)),
             "jwt_public_key" => self.jwt_public_key = Some(value.to_owned()),
@@ -253,6 +292,32 @@ impl Config {
             "redis_key" => self.redis_key = value.to_owned(),
             "history_ttl" => self.history_ttl = parse_duration(value).map_err(|e| invalid(&e))?,
             "presence_ttl" => self.presence_ttl = parse_duration(value).map_err(|e| invalid(&e))?,
+            "database_url" => {
+                let known = ["postgres://", "postgresql://", "sqlite:"];
+                if !known.iter().any(|k| value.starts_with(k)) {
+                    return Err(invalid(
+                        &"expected a postgres://, postgresql:// or sqlite: URL",
+                    ));
+                }
+                self.database_url = Some(value.to_owned());
+            }
+            "persist" => self.persist = parse_switch(value).map_err(|e| invalid(&e))?,
+            "worker" => self.worker = parse_switch(value).map_err(|e| invalid(&e))?,
+            "persist_rooms" => {
+                self.persist_rooms = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            "persist_queue" => self.persist_queue = value.parse().map_err(|e| invalid(&e))?,
+            "worker_id" => self.worker_id = Some(value.to_owned()),
+            "batch_size" => self.batch_size = value.parse().map_err(|e| invalid(&e))?,
+            "batch_timeout" => {
+                self.batch_timeout = parse_duration(value).map_err(|e| invalid(&e))?
+            }
+            "claim_idle" => self.claim_idle = parse_duration(value).map_err(|e| invalid(&e))?,
             "cors_origins" => {
                 self.cors_origins = value
                     .split(',')
@@ -330,6 +395,12 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) {
             return rule("HERALD_PRESENCE_TTL", "must be at least 1s");
         }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return rule("BATCH_SIZE", "must be between 1 and 100000");
+        }
+        if self.persist_queue == 0 {
+            return rule("HERALD_PERSIST_QUEUE", "must be at least 1");
+        }
         if self.outbound_queue == 0 {
             return rule("HERALD_OUTBOUND_QUEUE", "must be at least 1");
         }
@@ -354,6 +425,15 @@ impl Config {
 
 fn default_instance_id() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Parses on/off (or true/false, 1/0).
+fn parse_switch(value: &str) -> Result<bool, &'static str> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err("expected on or off"),
+    }
 }
 
 /// Parses "10s", "500ms", "1h" or a bare number of seconds.

@@ -39,7 +39,9 @@ use std::time::Instant;
 use anyhow::Context;
 use herald_core::memory::{MemoryBroker, MemoryPresence};
 use herald_core::{Broker, Namespace, Presence};
-use herald_redis::{RedisBroker, RedisPresence, RedisSettings};
+use herald_core::{PersistQueue, RoomPatterns, Store};
+use herald_redis::{RedisBroker, RedisPresence, RedisQueue, RedisSettings};
+use herald_store::{MemoryQueue, Worker, WorkerSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -112,18 +114,33 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The broker and presence engines the configuration picks.
+/// The engines the configuration picks: broker, presence and the durable path.
 struct Engines {
     broker: Arc<dyn Broker>,
     presence: Arc<dyn Presence>,
     connected: Option<watch::Receiver<bool>>,
     redis_presence: Option<Arc<RedisPresence>>,
+    durable: Option<hub::Durable>,
 }
 
 impl Engines {
-    /// Redis when `redis_url` is set (serving alone until it is reachable), memory otherwise.
-    fn start(config: &Config, router: &hub::Router) -> anyhow::Result<Self> {
-        let Some(url) = &config.redis_url else {
+    /// Redis when `redis_url` is set (serving alone until it is reachable), memory otherwise;
+    /// and unless persistence is off, the store with the matching persist queue.
+    async fn start(config: &Config, router: &hub::Router) -> anyhow::Result<Self> {
+        let redis = config
+            .redis_url
+            .as_ref()
+            .map(|url| redis_settings(config, url));
+        let store = match config.persist {
+            true => Some(open_store(config).await?),
+            false => None,
+        };
+        let rooms = match config.persist_rooms.is_empty() {
+            true => RoomPatterns::any(),
+            false => RoomPatterns::only(&config.persist_rooms),
+        };
+        let Some(settings) = redis else {
+            let queue: Arc<dyn PersistQueue> = Arc::new(MemoryQueue::new(config.persist_queue));
             return Ok(Self {
                 broker: Arc::new(MemoryBroker::new(
                     config.history_size,
@@ -132,21 +149,18 @@ impl Engines {
                 presence: Arc::new(MemoryPresence::new()),
                 connected: None,
                 redis_presence: None,
+                durable: store.map(|store| hub::Durable {
+                    queue,
+                    store,
+                    rooms,
+                }),
             });
         };
-        let settings = RedisSettings {
-            url: url.clone(),
-            password: config
-                .redis_password
-                .as_ref()
-                .map(|p| p.expose().to_owned()),
-            key: config.redis_key.clone(),
-            namespaces: config.namespaces.clone(),
-            history_size: config.history_size,
-            history_ttl: config.history_ttl,
-            presence_ttl: config.presence_ttl,
-            uid: random_id(16),
-        };
+        let queue: Arc<dyn PersistQueue> = Arc::new(RedisQueue::new(
+            settings.clone(),
+            &worker_id(config),
+            config.claim_idle,
+        ));
         let broker = Arc::new(
             RedisBroker::start(settings.clone(), Arc::new(router.clone()))
                 .context("configuring redis")?,
@@ -157,8 +171,74 @@ impl Engines {
             broker,
             presence: presence.clone(),
             redis_presence: Some(presence),
+            durable: store.map(|store| hub::Durable {
+                queue,
+                store,
+                rooms,
+            }),
         })
     }
+}
+
+fn redis_settings(config: &Config, url: &str) -> RedisSettings {
+    RedisSettings {
+        url: url.to_owned(),
+        password: config
+            .redis_password
+            .as_ref()
+            .map(|p| p.expose().to_owned()),
+        key: config.redis_key.clone(),
+        namespaces: config.namespaces.clone(),
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+        presence_ttl: config.presence_ttl,
+        uid: random_id(16),
+    }
+}
+
+fn worker_id(config: &Config) -> String {
+    config
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| config.instance_id.clone())
+}
+
+/// Opens (and migrates) the configured store: PostgreSQL, or SQLite under the data dir.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    herald_store::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .context("opening the store")
+}
+
+/// The worker settings from the configuration.
+pub fn worker_settings(config: &Config) -> WorkerSettings {
+    WorkerSettings {
+        id: worker_id(config),
+        batch_size: config.batch_size,
+        batch_timeout: config.batch_timeout,
+        max_backoff: std::time::Duration::from_secs(10),
+    }
+}
+
+/// Runs the persist worker alone (`herald worker`) on the fleet's Redis stream until
+/// `shutdown` resolves.
+pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let Some(url) = &config.redis_url else {
+        anyhow::bail!(
+            "herald worker reads the fleet's Redis persist stream: set REDIS_URL (a single instance runs its worker inside serve)"
+        );
+    };
+    metrics::install();
+    let store = open_store(&config).await?;
+    let queue = Arc::new(RedisQueue::new(
+        redis_settings(&config, url),
+        &worker_id(&config),
+        config.claim_idle,
+    ));
+    Worker::new(queue, store, worker_settings(&config))
+        .run(shutdown)
+        .await;
+    Ok(())
 }
 
 /// A random alphanumeric string of `len` characters.
@@ -200,13 +280,32 @@ pub async fn run(
     }
     let metrics = metrics::install();
     let stop_engines = CancellationToken::new();
+    let stop_worker = CancellationToken::new();
     let sio_cell = Arc::new(OnceLock::new());
     let (router, shards) = hub::router(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let engines = Engines::start(&config, &router)?;
+    let engines = Engines::start(&config, &router).await?;
+    let worker = match (&engines.durable, config.worker) {
+        (Some(durable), true) => {
+            let worker = Worker::new(
+                durable.queue.clone(),
+                durable.store.clone(),
+                worker_settings(&config),
+            );
+            let stop = stop_worker.clone();
+            Some(tokio::spawn(async move {
+                worker.run(stop.cancelled_owned()).await
+            }))
+        }
+        _ => None,
+    };
+    let hub_engines = hub::HubEngines {
+        broker: engines.broker.clone(),
+        presence: engines.presence.clone(),
+        durable: engines.durable,
+    };
     let hub = Hub::start(
         &config.instance_id,
-        engines.broker.clone(),
-        engines.presence.clone(),
+        hub_engines,
         router,
         shards,
         sio_cell.clone(),
@@ -267,6 +366,13 @@ pub async fn run(
     }
     if let Some(presence) = &engines.redis_presence {
         presence.clear().await;
+    }
+    // The worker stores what is still queued, then stops.
+    stop_worker.cancel();
+    if let Some(worker) = worker
+        && tokio::time::timeout(timeout, worker).await.is_err()
+    {
+        tracing::warn!("the persist worker did not finish within the shutdown timeout");
     }
     stop_engines.cancel();
     match tokio::time::timeout(timeout, server).await {

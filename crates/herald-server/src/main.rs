@@ -79,6 +79,10 @@ enum Command {
     },
     /// Print the effective configuration, secrets redacted, and exit.
     CheckConfig,
+    /// Apply the store's migrations (SQLite, or PostgreSQL with DATABASE_URL) and exit.
+    Migrate,
+    /// Run a persist worker alone, on the fleet's Redis persist stream.
+    Worker,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +98,8 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
         Command::Token { sub, rooms, ttl } => token(&config, &sub, rooms, &ttl),
+        Command::Migrate => migrate(config),
+        Command::Worker => worker(config),
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml());
             Ok(())
@@ -118,6 +124,19 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         herald_server::run(listener, config, shutdown_signal()).await
     })
+}
+
+fn migrate(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(herald_server::open_store(&config))?;
+    println!("migrations applied");
+    Ok(())
+}
+
+fn worker(config: Config) -> anyhow::Result<()> {
+    herald_server::telemetry::init(config.log_format, &config.instance_id);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(herald_server::run_worker(config, shutdown_signal()))
 }
 
 /// Resolves on SIGINT or SIGTERM.

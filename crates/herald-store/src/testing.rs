@@ -60,9 +60,10 @@ pub fn start_postgres() -> String {
         ""
     };
     let data = dir.join("data");
+    let (initdb, postgres) = (pg_bin("initdb"), pg_bin("postgres"));
     let script = format!(
-        "{run} initdb -D {data} -A trust -U postgres >/dev/null 2>&1 || exit 1; \
-         ({run} postgres -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off & pid=$!; \
+        "{run} {initdb} -D {data} -A trust -U postgres >/dev/null 2>&1 || exit 1; \
+         ({run} {postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off & pid=$!; \
           while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid) >/dev/null 2>&1 &",
         data = data.display(),
         dir = dir.display(),
@@ -75,6 +76,29 @@ pub fn start_postgres() -> String {
     );
     herald_core::testsuite::wait_for_port(port);
     format!("postgres://postgres@127.0.0.1:{port}")
+}
+
+/// A PostgreSQL server binary: from PATH, else from Debian's `/usr/lib/postgresql/<v>/bin`.
+fn pg_bin(name: &str) -> String {
+    let on_path = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output();
+    if on_path.is_ok_and(|o| o.status.success()) {
+        return name.to_owned();
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.path().join("bin").join(name))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .map_or_else(|| name.to_owned(), |p| p.display().to_string())
 }
 
 /// A new, empty PostgreSQL database for one test.

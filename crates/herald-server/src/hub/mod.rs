@@ -15,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_core::{
     BoxFuture, Broker, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, LocalNode,
-    LocalSocket, Message, Namespace, Payload, Presence, PresenceChange, PresenceStatus,
-    Publication, RemoteAction, RoomKey, RoomName, Selector, UserId,
+    LocalSocket, Message, Namespace, Payload, PersistQueue, Presence, PresenceChange,
+    PresenceStatus, Publication, RemoteAction, RoomKey, RoomName, RoomPatterns, Selector, Store,
+    UserId,
 };
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
@@ -282,20 +283,35 @@ pub fn router(shards: usize) -> (Router, Shards) {
     )
 }
 
+/// The durable path as the hub sees it: where published messages are queued, which rooms
+/// persist, and the store that history falls back to.
+pub struct Durable {
+    pub queue: Arc<dyn PersistQueue>,
+    pub store: Arc<dyn Store>,
+    pub rooms: RoomPatterns,
+}
+
+/// The engines a hub works with.
+pub struct HubEngines {
+    pub broker: Arc<dyn Broker>,
+    pub presence: Arc<dyn Presence>,
+    pub durable: Option<Durable>,
+}
+
 /// The hub of one instance.
 pub struct Hub {
     instance: Arc<str>,
     broker: Arc<dyn Broker>,
     presence: Arc<dyn Presence>,
     router: Router,
+    durable: Option<Durable>,
 }
 
 impl Hub {
     /// Starts the shard tasks, which run until `shutdown` is cancelled.
     pub fn start(
         instance: &str,
-        broker: Arc<dyn Broker>,
-        presence: Arc<dyn Presence>,
+        engines: HubEngines,
         router: Router,
         shards: Shards,
         sio: Arc<OnceLock<SocketIo>>,
@@ -304,11 +320,17 @@ impl Hub {
         for rx in shards.0 {
             tokio::spawn(Shard::new(rx, sio.clone()).run(shutdown.clone()));
         }
+        let HubEngines {
+            broker,
+            presence,
+            durable,
+        } = engines;
         Arc::new(Self {
             instance: instance.into(),
             broker,
             presence,
             router,
+            durable,
         })
     }
 
@@ -385,12 +407,12 @@ impl Hub {
             before: None,
             limit: MAX_HISTORY_LIMIT,
         };
-        let page = match self.broker.history(key, query).await {
+        let page = match self.history(key, query).await {
             Ok(page) => page,
             Err(e) => {
                 // The connection must not stay in recovery: go live and report the gap.
                 self.catch_up(conn, key, 0, Instant::now()).await;
-                return Err(unavailable(e));
+                return Err(e);
             }
         };
         let mut last = since;
@@ -509,12 +531,14 @@ impl Hub {
         from: UserId,
         data: Box<RawValue>,
     ) -> Result<Arc<Message>, ClientError> {
+        let durable = self.durable.as_ref().filter(|d| d.rooms.allows(&key.room));
         let publication = Publication {
             key,
             id: uuid::Uuid::now_v7().to_string(),
             from,
             data,
             ts: now_ms(),
+            persist: durable.is_some(),
         };
         let message = self
             .broker
@@ -522,6 +546,15 @@ impl Hub {
             .await
             .map_err(unavailable)?;
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+        if let Some(durable) = durable {
+            // Waits while the queue is full: an ack means the message is queued for the store.
+            durable.queue.push(message.clone()).await.map_err(|e| {
+                ClientError::new(
+                    ErrorCode::Unavailable,
+                    format!("message {} not queued for storage: {e}", message.offset),
+                )
+            })?;
+        }
         Ok(message)
     }
 
@@ -545,12 +578,62 @@ impl Hub {
             .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))
     }
 
+    /// A room's history from the broker, completed from the store where the broker no longer
+    /// holds the range.
     pub async fn history(
         &self,
         key: &RoomKey,
         query: HistoryQuery,
     ) -> Result<HistoryPage, ClientError> {
-        self.broker.history(key, query).await.map_err(unavailable)
+        let mut page = self.broker.history(key, query).await.map_err(unavailable)?;
+        let Some(durable) = &self.durable else {
+            return Ok(page);
+        };
+        let first_held = page
+            .messages
+            .first()
+            .map_or(page.position.offset + 1, |m| m.offset);
+        let older_needed = match query.since {
+            Some(since) => !page.complete && since + 1 < first_held,
+            None => page.messages.len() < query.limit && first_held > 1,
+        };
+        if !older_needed || !durable.rooms.allows(&key.room) {
+            return Ok(page);
+        }
+        let before = query.before.map_or(first_held, |b| b.min(first_held));
+        let want = match query.since {
+            Some(_) => query.limit,
+            None => query.limit - page.messages.len(),
+        };
+        let older = HistoryQuery {
+            since: query.since,
+            before: Some(before),
+            limit: want,
+        };
+        let stored = match durable.store.history(key, older).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(room = %key, error = %e, "store history unavailable");
+                return Ok(page);
+            }
+        };
+        let mut messages = stored;
+        messages.append(&mut page.messages);
+        messages.truncate(query.limit);
+        if let Some(since) = query.since {
+            let end = query
+                .before
+                .unwrap_or(u64::MAX)
+                .min(page.position.offset + 1);
+            let consecutive = messages
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.offset == since + 1 + i as u64);
+            let reached = messages.last().map_or(since + 1, |m| m.offset + 1);
+            page.complete = since <= page.position.offset && consecutive && reached >= end;
+        }
+        page.messages = messages;
+        Ok(page)
     }
 }
 
@@ -586,10 +669,14 @@ mod tests {
         let (router, shards) = router(2);
         let broker = Arc::new(MemoryBroker::new(history_size, Arc::new(router.clone())));
         let stop = CancellationToken::new();
+        let engines = HubEngines {
+            broker,
+            presence: Arc::new(MemoryPresence::new()),
+            durable: None,
+        };
         let hub = Hub::start(
             "unit",
-            broker,
-            Arc::new(MemoryPresence::new()),
+            engines,
             router,
             shards,
             Arc::new(OnceLock::new()),

@@ -2,10 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use herald_core::testsuite;
 use herald_server::config::{Config, Secret};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -174,4 +178,127 @@ impl WsClient {
             }
         }
     }
+}
+
+// Fleets of herald processes.
+
+pub const FLEET_API_KEY: &str = "fleet-api-key";
+
+/// One herald process.
+pub struct Instance {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Instance {
+    pub fn start(redis: &str, key: &str, id: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PORT", "0")
+            .env("HERALD_HOST", "127.0.0.1")
+            .env("JWT_SECRET", SECRET)
+            .env("HERALD_API_KEY", FLEET_API_KEY)
+            .env("INSTANCE_ID", id)
+            .env("REDIS_URL", redis)
+            .env("HERALD_REDIS_KEY", key)
+            .env("HERALD_SHUTDOWN_TIMEOUT", "3s")
+            .env("RUST_LOG", "info")
+            .env(
+                "HERALD_DATA_DIR",
+                std::env::temp_dir().join(format!("herald-fleet-{}", herald_server::random_id(8))),
+            )
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start herald");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .split("addr=")
+                    .nth(1)
+                    .filter(|_| line.contains("listening"))
+                {
+                    let _ = tx.send(
+                        addr.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("herald listening within 20s");
+        Self {
+            child,
+            addr: addr.parse().expect("listening address"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn client(&self, sub: &str) -> WsClient {
+        WsClient::connect_url(&format!("ws://{}/ws?token={}", self.addr, token(sub)))
+            .await
+            .0
+    }
+
+    pub async fn ready(&self) -> bool {
+        reqwest::get(self.url("/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
+    pub async fn wait_ready(&self, want: bool) {
+        for _ in 0..200 {
+            if self.ready().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} never became ready={want}", self.addr);
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn prefix() -> String {
+    format!("fleet-{}", herald_server::random_id(10))
+}
+
+pub async fn fleet(n: usize, env: &[(&str, &str)]) -> Vec<Instance> {
+    let (redis, key) = (testsuite::redis_url(), prefix());
+    let fleet: Vec<Instance> = (0..n)
+        .map(|i| Instance::start(&redis, &key, &format!("i{i}"), env))
+        .collect();
+    for instance in &fleet {
+        instance.wait_ready(true).await;
+    }
+    fleet
 }
