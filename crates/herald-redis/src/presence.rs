@@ -103,18 +103,7 @@ impl RedisPresence {
             return;
         };
         for ((key, conn_id), user) in entries {
-            let keys = self.inner.keys(&key);
-            let left: Result<Vec<String>, _> = self
-                .inner
-                .remove
-                .key(&keys[0])
-                .key(&keys[1])
-                .key(&keys[2])
-                .arg(conn_id.as_str())
-                .arg(0)
-                .invoke_async(&mut conn)
-                .await;
-            if let Ok(left) = left {
+            if let Ok(left) = self.inner.remove_entry(&mut conn, &key, &conn_id).await {
                 for user in left.into_iter().filter(|u| u == user.as_str()) {
                     self.inner.announce_leave(&key, UserId::new(user)).await;
                 }
@@ -177,6 +166,24 @@ impl Inner {
             .invoke_async(conn)
             .await?;
         Ok(arrived == 1)
+    }
+
+    /// Removes one connection's entry; returns the users who left the room (at most one).
+    async fn remove_entry(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &RoomKey,
+        id: &ConnId,
+    ) -> redis::RedisResult<Vec<String>> {
+        let keys = self.keys(key);
+        self.remove
+            .key(&keys[0])
+            .key(&keys[1])
+            .key(&keys[2])
+            .arg(id.as_str())
+            .arg(0)
+            .invoke_async(conn)
+            .await
     }
 
     async fn announce_leave(&self, key: &RoomKey, user: UserId) {
@@ -317,16 +324,9 @@ impl Presence for RedisPresence {
             let fallback = self.inner.fallback.remove(&key, &user, &id).await;
             match self.inner.broker.command_connection() {
                 Some(mut conn) => {
-                    let keys = self.inner.keys(&key);
-                    let left: Vec<String> = self
+                    let left = self
                         .inner
-                        .remove
-                        .key(&keys[0])
-                        .key(&keys[1])
-                        .key(&keys[2])
-                        .arg(id.as_str())
-                        .arg(0)
-                        .invoke_async(&mut conn)
+                        .remove_entry(&mut conn, &key, &id)
                         .await
                         .map_err(unavailable)?;
                     Ok(left.iter().any(|u| u == user.as_str()))
