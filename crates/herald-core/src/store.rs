@@ -30,6 +30,9 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a batch; returns how many rows were new.
     fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>>;
 
+    /// Checks that the store answers (for readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
     /// A room's messages by offset, with the same bounds as [`crate::Broker::history`]:
     /// the oldest `limit` after `since`, or the newest `limit` before `before`; ascending.
     fn history(

@@ -224,6 +224,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
         }
     };
+    if let Err(e) = state.hub.store_ready().await {
+        let body = json!({ "ready": false, "reason": format!("store unavailable: {e}") });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     Json(json!({ "ready": true, "broker": broker, "instance": state.hub.instance() }))
         .into_response()
 }

@@ -193,6 +193,7 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
 
     // The database goes away: the worker reads batches it cannot store, and holds them.
     allow_connections(&database, false).await;
+    fleet[0].wait_ready(false).await; // the store is unreachable: not ready
     let mut clients = Vec::new();
     for (i, instance) in fleet.iter().enumerate() {
         let mut client = WsClient::connect_url(&format!(
@@ -229,6 +230,7 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
     drop(doomed); // kill -9, mid-retry, with its entries pending
 
     allow_connections(&database, true).await;
+    fleet[0].wait_ready(true).await;
     let _rescuer = WorkerProcess::start(&redis, &key, &database, "rescuer");
     eventually("300 rows", || async {
         rows(&database, "durable").await.0 == total as i64

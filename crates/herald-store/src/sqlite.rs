@@ -72,6 +72,16 @@ impl Store for SqliteStore {
         })
     }
 
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
     fn history(
         &self,
         key: &RoomKey,

@@ -338,6 +338,18 @@ impl Hub {
         &self.instance
     }
 
+    /// Whether the store answers within 2 s; `Ok` when nothing is stored.
+    pub async fn store_ready(&self) -> Result<(), String> {
+        let Some(durable) = &self.durable else {
+            return Ok(());
+        };
+        match tokio::time::timeout(Duration::from_secs(2), durable.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("store did not answer within 2s".to_owned()),
+        }
+    }
+
     /// Registers a session for remote control (see [`Router::register`]).
     pub fn register(&self, conn: &ConnId) -> mpsc::UnboundedReceiver<Control> {
         self.router.register(conn)
