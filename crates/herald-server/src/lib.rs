@@ -338,6 +338,12 @@ pub async fn run(
         .context("reading the listener's address")?;
     tracing::info!(%addr, "herald listening");
     let draining = state.draining.clone();
+    // Small frames (an ack, then the echoed message) must not wait on Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -83,6 +83,8 @@ enum Command {
     Migrate,
     /// Run a persist worker alone, on the fleet's Redis persist stream.
     Worker,
+    /// Load-test running herald instances (see benches/ for ready-made scenarios).
+    Bench(Box<herald_bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             Ok(())
         }
+        Command::Bench(args) => herald_bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,7 +62,9 @@ pub async fn upgrade(
     if !state.config.namespaces.contains(&namespace) {
         return ApiError::BadRequest(format!("unknown namespace {namespace}")).into_response();
     }
+    // A small read buffer: the default 128 KiB is allocated per connection, idle or not.
     ws.max_message_size(state.config.max_payload + FRAME_OVERHEAD)
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| serve(state, socket, identity, namespace))
 }
 

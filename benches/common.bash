@@ -1,0 +1,237 @@
+# Shared by benches/*.sh (sourced, not run): argument parsing, the herald binary, a private
+# Redis, herald instances on ephemeral ports, `herald bench` with the right flags, and cleanup
+# of everything started, on any exit.
+#
+# Environment:
+#   HERALD_BIN   the herald binary (default target/release/herald; smoke runs accept
+#                target/debug/herald)
+#   REDIS_URL    use this Redis instead of starting a private redis-server
+#   BENCH_OUT    keep each run's JSON and SVG chart in this directory
+#   BENCH_ARGS   extra `herald bench` flags, appended last (they override the scenario's)
+#   JWT_SECRET   secret shared by the instances and the generator (default: a random one)
+# Any other herald setting in the environment (HERALD_OUTBOUND_QUEUE, HERALD_PERSIST, …)
+# reaches the instances.
+
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+SCRIPT=$(basename "$0" .sh)
+
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    -h | --help)
+      sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
+      exit 0
+      ;;
+    *)
+      echo "$SCRIPT: unknown argument $arg (only --smoke)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+HERALD_BIN=${HERALD_BIN:-$ROOT/target/release/herald}
+if [ ! -x "$HERALD_BIN" ]; then
+  echo "$SCRIPT: $HERALD_BIN not found: cargo build --release -p herald-server, or set HERALD_BIN" >&2
+  exit 2
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/herald-bench.XXXXXX")
+export JWT_SECRET=${JWT_SECRET:-bench-secret-$RANDOM-$RANDOM-$RANDOM}
+STARTED=()      # every process we started, stopped on exit
+SERVER_PIDS=()  # herald instances
+URLS=()
+REDIS_PID=""
+BENCH_REDIS_URL=""
+
+# stop PIDS...: SIGTERM, then SIGKILL whatever is left after 5 s.
+stop() {
+  local pid
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "$@"; do
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
+cleanup() {
+  local status=$?
+  local pid others=()
+  # Generators and instances first, Redis last, so that instances shut down cleanly.
+  for pid in "${STARTED[@]}"; do
+    [ "$pid" = "$REDIS_PID" ] || others+=("$pid")
+  done
+  stop "${others[@]}"
+  [ -z "$REDIS_PID" ] || stop "$REDIS_PID"
+  if [ "$status" -ne 0 ] && [ "${BENCH_SHOW_LOGS:-1}" = 1 ]; then
+    local log
+    for log in "$WORK"/*.log; do
+      [ -f "$log" ] || continue
+      echo "--- last lines of $(basename "$log")" >&2
+      tail -n 5 "$log" >&2
+    done
+  fi
+  rm -rf "$WORK"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# raise_nofile N: lets this shell and its children open N files (root may raise the hard
+# limit; others get what the hard limit allows).
+raise_nofile() {
+  local want=$1
+  # Smoke runs hold a few hundred connections.
+  [ "$SMOKE" = 1 ] && [ "$want" -gt 4096 ] && want=4096
+  if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want" ]; then
+    ulimit -n "$want" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  fi
+  if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want" ]; then
+    echo "$SCRIPT: warning: open files limited to $(ulimit -n), wanted $want" >&2
+  fi
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# start_redis: uses $REDIS_URL, or starts a private redis-server on a free port.
+start_redis() {
+  if [ -n "${REDIS_URL:-}" ]; then
+    BENCH_REDIS_URL=$REDIS_URL
+    return
+  fi
+  command -v redis-server >/dev/null || {
+    echo "$SCRIPT: redis-server not found (install it or set REDIS_URL)" >&2
+    exit 2
+  }
+  local port
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 20000))
+    port_free "$port" && break
+  done
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxclients 10000 >"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  STARTED+=("$REDIS_PID")
+  for _ in $(seq 1 100); do
+    if redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; then
+      BENCH_REDIS_URL="redis://127.0.0.1:$port"
+      return
+    fi
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "$SCRIPT: redis-server did not start" >&2
+  exit 1
+}
+
+# start_herald NAME: starts an instance on an ephemeral port (on the fleet's Redis when
+# start_redis ran) and appends its URL and pid.
+start_herald() {
+  local name=$1 log="$WORK/$1.log"
+  local redis_env=()
+  if [ -n "$BENCH_REDIS_URL" ]; then
+    redis_env=(REDIS_URL="$BENCH_REDIS_URL" HERALD_REDIS_KEY="bench-$$" HERALD_HISTORY_TTL=10m)
+  fi
+  env "${redis_env[@]}" PORT=0 HERALD_HOST=127.0.0.1 INSTANCE_ID="$name" \
+    HERALD_DATA_DIR="$WORK/$name" HERALD_SHUTDOWN_TIMEOUT=3s \
+    RUST_LOG="${RUST_LOG:-warn,herald_server=info}" \
+    "$HERALD_BIN" serve >/dev/null 2>"$log" &
+  local pid=$!
+  STARTED+=("$pid")
+  local addr=""
+  for _ in $(seq 1 200); do
+    addr=$(sed -n 's/.*herald listening.*addr=\([0-9.:]*\).*/\1/p' "$log" | head -n 1)
+    [ -n "$addr" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$addr" ]; then
+    echo "$SCRIPT: herald $name did not start" >&2
+    exit 1
+  fi
+  if [ -n "$BENCH_REDIS_URL" ]; then
+    # Ready means connected to Redis.
+    for _ in $(seq 1 100); do
+      (exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}" && printf 'GET /ready HTTP/1.0\r\n\r\n' >&3 && head -n 1 <&3 | grep -q ' 200') 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
+  SERVER_PIDS+=("$pid")
+  URLS+=("http://$addr")
+}
+
+join_by() {
+  local IFS=$1
+  shift
+  echo "$*"
+}
+
+# run_bench LABEL FLAGS...: runs `herald bench` against the started instances, printing one
+# line per figure and check; its exit status is the checks'.
+run_bench() {
+  local label=$1
+  shift
+  local out=()
+  if [ -n "${BENCH_OUT:-}" ]; then
+    mkdir -p "$BENCH_OUT"
+    out=(--json "$BENCH_OUT/$label.json" --chart "$BENCH_OUT/$label.svg")
+  fi
+  local aux=()
+  [ -n "$REDIS_PID" ] && aux=(--aux-pid "$REDIS_PID")
+  local extra=()
+  # shellcheck disable=SC2206 # BENCH_ARGS is split on purpose.
+  [ -n "${BENCH_ARGS:-}" ] && extra=(${BENCH_ARGS})
+  "$HERALD_BIN" bench --label "$label" --report lines --quiet \
+    --url "$(join_by , "${URLS[@]}")" --pid "$(join_by , "${SERVER_PIDS[@]}")" \
+    "${aux[@]}" "${out[@]}" "$@" "${extra[@]}"
+}
+
+# run_sharded LABEL SHARDS FLAGS...: like run_bench, but the clients are split over SHARDS
+# generator processes (one process may not open more files than `ulimit -n` allows), which
+# wait for each other after connecting and before closing; their results are merged into one
+# report, checked with the same FLAGS.
+run_sharded() {
+  local label=$1 shards=$2
+  shift 2
+  local out=() aux=() extra=() files=() pids=()
+  if [ -n "${BENCH_OUT:-}" ]; then
+    mkdir -p "$BENCH_OUT"
+    out=(--json "$BENCH_OUT/$label.json" --chart "$BENCH_OUT/$label.svg")
+  fi
+  [ -n "$REDIS_PID" ] && aux=(--aux-pid "$REDIS_PID")
+  # shellcheck disable=SC2206 # BENCH_ARGS is split on purpose.
+  [ -n "${BENCH_ARGS:-}" ] && extra=(${BENCH_ARGS})
+  local prefix="bench-$$-$RANDOM-" barrier="$WORK/barrier-$label" k
+  for k in $(seq 0 $((shards - 1))); do
+    files+=("$WORK/$label-$k.json")
+    "$HERALD_BIN" bench --label "$label-$k" --report none --quiet \
+      --url "$(join_by , "${URLS[@]}")" --pid "$(join_by , "${SERVER_PIDS[@]}")" "${aux[@]}" \
+      --room-prefix "$prefix" --shard "$k/$shards" --barrier "$barrier" \
+      --json "$WORK/$label-$k.json" "$@" "${extra[@]}" 2>"$WORK/$label-$k.bench.log" &
+    pids+=($!)
+    STARTED+=($!)
+  done
+  for k in "${pids[@]}"; do
+    wait "$k" || true
+  done
+  for k in "${files[@]}"; do
+    if [ ! -s "$k" ]; then
+      echo "$SCRIPT: a generator shard failed:" >&2
+      cat "$WORK/$label"-*.bench.log >&2
+      return 1
+    fi
+  done
+  "$HERALD_BIN" bench --merge "$(join_by , "${files[@]}")" --label "$label" --report lines \
+    "${out[@]}" "$@" "${extra[@]}"
+}
