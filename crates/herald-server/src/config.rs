@@ -99,6 +99,10 @@ pub struct Config {
     pub max_payload: usize,
     /// Deliveries queued per connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Events per second one connection may send (bursts of twice that); 0 disables.
+    pub event_rate: u32,
+    /// Events per second one user may send over all their connections here; 0 disables.
+    pub user_event_rate: u32,
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
@@ -155,6 +159,8 @@ impl Default for Config {
             history_size: 1000,
             max_payload: 64 * 1024,
             outbound_queue: 1024,
+            event_rate: 1000,
+            user_event_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             cors_origins: vec!["*".to_owned()],
@@ -191,6 +197,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_HISTORY_SIZE", "history_size"),
     ("HERALD_MAX_PAYLOAD", "max_payload"),
     ("HERALD_OUTBOUND_QUEUE", "outbound_queue"),
+    ("HERALD_EVENT_RATE", "event_rate"),
+    ("HERALD_USER_EVENT_RATE", "user_event_rate"),
     ("HERALD_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
     ("HERALD_LOG_FORMAT", "log_format"),
     ("HERALD_CORS_ORIGINS", "cors_origins"),
@@ -311,6 +319,8 @@ impl Config {
                     .map(str::to_owned)
                     .collect();
             }
+            "event_rate" => self.event_rate = value.parse().map_err(|e| invalid(&e))?,
+            "user_event_rate" => self.user_event_rate = value.parse().map_err(|e| invalid(&e))?,
             "persist_queue" => self.persist_queue = value.parse().map_err(|e| invalid(&e))?,
             "worker_id" => self.worker_id = Some(value.to_owned()),
             "batch_size" => self.batch_size = value.parse().map_err(|e| invalid(&e))?,

@@ -95,7 +95,7 @@ impl ApiError {
                     }
                     ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
                     ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::Overloaded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
                     ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 (status, e.code.as_str())

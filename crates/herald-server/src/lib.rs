@@ -63,6 +63,8 @@ pub struct AppState {
     pub draining: CancellationToken,
     pub started: Instant,
     connections: AtomicI64,
+    /// The limits sessions follow.
+    pub policy: Arc<session::Policy>,
     /// Whether Redis is connected, when a fleet is configured.
     pub broker_connected: Option<watch::Receiver<bool>>,
     /// Open connections, awaited (up to the timeout) at shutdown.
@@ -312,6 +314,7 @@ pub async fn run(
         stop_engines.clone(),
     );
 
+    let policy = Arc::new(session::Policy::new(&config));
     let state = Arc::new(AppState {
         config,
         hub,
@@ -322,6 +325,7 @@ pub async fn run(
         connections: AtomicI64::new(0),
         sessions: TaskTracker::new(),
         broker_connected: engines.connected.clone(),
+        policy,
     });
     let (sio_layer, io) = SocketIo::builder()
         .max_payload((state.config.max_payload + 16 * 1024) as u64)

@@ -11,6 +11,7 @@ pub const MESSAGES_DROPPED: &str = "herald_messages_dropped_total";
 pub const DELIVERY_LATENCY: &str = "herald_delivery_latency_seconds";
 pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
 pub const AUTH_FAILURES: &str = "herald_auth_failures_total";
+pub const RATE_LIMITED: &str = "herald_rate_limited_total";
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "herald_slow_consumer_disconnects_total";
 
 /// Installs the global recorder once per process and returns the handle `/metrics` renders.

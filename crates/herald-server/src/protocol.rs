@@ -20,6 +20,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnknownEvent,
     Overloaded,
+    RateLimited,
     Unavailable,
 }
 
@@ -33,6 +34,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnknownEvent => "unknown_event",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }

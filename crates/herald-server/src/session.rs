@@ -3,11 +3,16 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use herald_core::{Namespace, RoomKey, RoomName};
+use herald_core::{Namespace, RoomKey, RoomName, UserId};
 use serde_json::{Value, json};
 
 use crate::auth::Identity;
+use std::num::NonZeroU32;
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
+
+use crate::config::Config;
 
 use crate::hub::{Conn, Control, Hub, Joined};
 use crate::metrics as m;
@@ -23,8 +28,36 @@ pub struct Session {
     rooms: HashSet<RoomName>,
     /// Rooms the server keeps the connection in: its namespace's everyone room and its id.
     internal: Vec<RoomName>,
-    max_payload: usize,
+    policy: Arc<Policy>,
+    /// This connection's event rate, when limited.
+    limiter: Option<DefaultDirectRateLimiter>,
     control: Option<mpsc::UnboundedReceiver<Control>>,
+}
+
+/// The limits every session of this instance follows.
+pub struct Policy {
+    pub max_payload: usize,
+    event_rate: u32,
+    per_connection: Option<Quota>,
+    per_user: Option<DefaultKeyedRateLimiter<UserId>>,
+    user_event_rate: u32,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Self {
+        // A limit allows bursts of twice its rate per second.
+        let quota = |rate: u32| {
+            let burst = |r: NonZeroU32| r.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+            NonZeroU32::new(rate).map(|r| Quota::per_second(r).allow_burst(burst(r)))
+        };
+        Self {
+            max_payload: config.max_payload,
+            event_rate: config.event_rate,
+            per_connection: quota(config.event_rate),
+            per_user: quota(config.user_event_rate).map(RateLimiter::keyed),
+            user_event_rate: config.user_event_rate,
+        }
+    }
 }
 
 impl Session {
@@ -35,7 +68,7 @@ impl Session {
         conn: Arc<Conn>,
         namespace: Namespace,
         identity: Identity,
-        max_payload: usize,
+        policy: Arc<Policy>,
     ) -> Result<Self, ClientError> {
         let control = hub.register(&conn.id);
         let mut session = Self {
@@ -45,7 +78,8 @@ impl Session {
             identity,
             rooms: HashSet::new(),
             internal: Vec::new(),
-            max_payload,
+            limiter: policy.per_connection.map(RateLimiter::direct),
+            policy,
             control: Some(control),
         };
         // The everyone room takes namespace-wide broadcasts. The connection's own id is a room
@@ -110,8 +144,11 @@ impl Session {
 
     /// Runs the client event `event` and returns its ack.
     pub async fn handle(&mut self, event: &str, payload: Value) -> Value {
-        let result = match Command::parse(event, payload, self.max_payload) {
-            Ok(command) => self.run(command).await,
+        let result = match self.check_rate() {
+            Ok(()) => match Command::parse(event, payload, self.policy.max_payload) {
+                Ok(command) => self.run(command).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         result.unwrap_or_else(|e| {
@@ -119,6 +156,28 @@ impl Session {
             tracing::debug!(conn = %self.conn.id, user = %self.identity.user, event, error = %e, "event refused");
             e.to_ack()
         })
+    }
+
+    fn check_rate(&self) -> Result<(), ClientError> {
+        if self.limiter.as_ref().is_some_and(|l| l.check().is_err()) {
+            metrics::counter!(m::RATE_LIMITED, "scope" => "connection").increment(1);
+            let limit = self.policy.event_rate;
+            return Err(ClientError::new(
+                ErrorCode::RateLimited,
+                format!("more than {limit} events/s on this connection"),
+            ));
+        }
+        if let Some(users) = &self.policy.per_user
+            && users.check_key(&self.identity.user).is_err()
+        {
+            metrics::counter!(m::RATE_LIMITED, "scope" => "user").increment(1);
+            let limit = self.policy.user_event_rate;
+            return Err(ClientError::new(
+                ErrorCode::RateLimited,
+                format!("more than {limit} events/s for this user"),
+            ));
+        }
+        Ok(())
     }
 
     async fn run(&mut self, command: Command) -> Result<Value, ClientError> {

@@ -351,3 +351,51 @@ async fn shutdown_reports_not_ready_and_closes_clients_with_going_away() {
         "the server exits cleanly within its timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_are_refused_per_connection_and_per_user_and_others_carry_on() {
+    let server = TestServer::start_with(|c| {
+        c.event_rate = 5;
+        c.user_event_rate = 6;
+    })
+    .await;
+    let (mut flood, _) = WsClient::connect(&server, "flooder").await;
+    let mut codes = Vec::new();
+    for _ in 0..30 {
+        let ack = flood
+            .request(json!({"type": "presence", "room": "r"}))
+            .await;
+        codes.push(ack["error"].as_str().unwrap_or("ok").to_owned());
+    }
+    let allowed = codes.iter().filter(|c| *c == "ok").count();
+    assert!(
+        (10..30).contains(&allowed),
+        "a burst passes, the rest of the flood does not: {codes:?}"
+    );
+    assert!(
+        codes.iter().all(|c| c == "ok" || c == "rate_limited"),
+        "{codes:?}"
+    );
+
+    // The same user on another connection shares the user's budget, which is now spent.
+    let (mut second, _) = WsClient::connect(&server, "flooder").await;
+    let mut user_limited = false;
+    for _ in 0..5 {
+        let ack = second
+            .request(json!({"type": "presence", "room": "r"}))
+            .await;
+        if ack["error"] == "rate_limited" {
+            assert!(
+                ack["message"].as_str().is_some_and(|m| m.contains("user")),
+                "{ack}"
+            );
+            user_limited = true;
+            break;
+        }
+    }
+    assert!(user_limited, "the user's limit spans connections");
+
+    let (mut calm, _) = WsClient::connect(&server, "calm").await;
+    let ack = calm.request(json!({"type": "join", "room": "r"})).await;
+    assert_eq!(ack["ok"], true, "other users are unaffected: {ack}");
+}

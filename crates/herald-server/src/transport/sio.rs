@@ -220,7 +220,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
         conn,
         namespace,
         inbox.identity.clone(),
-        state.config.max_payload,
+        state.policy.clone(),
     )
     .await;
     match opened {

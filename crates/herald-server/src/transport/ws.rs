@@ -93,7 +93,7 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
         conn.clone(),
         namespace,
         identity,
-        state.config.max_payload,
+        state.policy.clone(),
     )
     .await;
     let mut session = match opened {
