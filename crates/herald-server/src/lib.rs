@@ -137,6 +137,12 @@ impl Engines {
             true => Some(open_store(config).await?),
             false => None,
         };
+        if redis.is_some() && config.persist && config.database_url.is_none() {
+            tracing::warn!(
+                "REDIS_URL without DATABASE_URL: this instance's worker stores its share of the fleet's \
+                 messages in its own SQLite file; set DATABASE_URL to a shared PostgreSQL"
+            );
+        }
         let rooms = match config.persist_rooms.is_empty() {
             true => RoomPatterns::any(),
             false => RoomPatterns::only(&config.persist_rooms),
