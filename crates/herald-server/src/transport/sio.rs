@@ -101,37 +101,9 @@ fn authenticate(
 
 fn query_token(socket: &SocketRef) -> Option<String> {
     let query = socket.req_parts().uri.query()?;
-    query.split('&').find_map(|pair| {
-        let value = pair.strip_prefix("token=")?;
-        Some(percent_decode(value))
-    })
-}
-
-/// Decodes `%XX` escapes (tokens are base64url, so this is rarely needed).
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Queues an incoming event for the socket's session task. It is an extractor because
