@@ -1,16 +1,12 @@
 //! The wire format of Node's `@socket.io/redis-adapter` v8 (classic mode): channel names, the
 //! msgpack broadcast `[uid, packet, opts]`, and the JSON requests and responses.
 
-use std::io::Write;
-
 use herald_core::{Message, Namespace, RoomName};
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
 /// Socket.IO packet type of an event.
 pub const EVENT: u64 = 2;
-/// Socket.IO packet type of an event with binary attachments.
-pub const BINARY_EVENT: u64 = 5;
 
 /// The uid `@socket.io/redis-emitter` puts in its broadcasts.
 pub const EMITTER_UID: &str = "emitter";
@@ -73,8 +69,6 @@ pub struct Broadcast {
     /// The sending server, `emitter` for the emitter; absent on some emitter messages.
     pub uid: Option<String>,
     pub namespace: String,
-    /// Socket.IO packet type (2 event, 5 binary event).
-    pub packet_type: u64,
     pub event: String,
     pub args: Vec<Value>,
     pub rooms: Vec<String>,
@@ -258,9 +252,6 @@ pub fn decode_broadcast(mut bytes: &[u8]) -> Result<Broadcast, CodecError> {
         .and_then(Value::as_str)
         .unwrap_or("/")
         .to_owned();
-    let packet_type = get(&packet, "type")
-        .and_then(Value::as_u64)
-        .unwrap_or(EVENT);
     let Some(Value::Array(data)) = get(&packet, "data") else {
         return Err(CodecError::Shape("packet data is not an array"));
     };
@@ -274,7 +265,6 @@ pub fn decode_broadcast(mut bytes: &[u8]) -> Result<Broadcast, CodecError> {
     Ok(Broadcast {
         uid,
         namespace,
-        packet_type,
         event,
         args: data.collect(),
         rooms: strings(get(&opts, "rooms")),
@@ -339,11 +329,6 @@ pub mod request {
     pub const BROADCAST: u64 = 7;
     pub const BROADCAST_CLIENT_COUNT: u64 = 8;
     pub const BROADCAST_ACK: u64 = 9;
-}
-
-/// Writes `value` as JSON into `out`.
-pub fn write_json(out: &mut Vec<u8>, value: &serde_json::Value) {
-    let _ = out.write_all(value.to_string().as_bytes());
 }
 
 #[cfg(test)]

@@ -108,9 +108,8 @@ pub async fn handle(ctx: &Context, namespace: &Namespace, bytes: &[u8]) {
         kind::SERVER_SIDE_EMIT => request_id
             .map(|id| json!({ "type": kind::SERVER_SIDE_EMIT, "requestId": id, "data": null })),
         kind::BROADCAST => {
-            let delivered = broadcast(ctx, namespace, &request).await;
+            broadcast(ctx, namespace, &request).await;
             // Client acks are not collected: herald reports no clients waiting for one.
-            let _ = delivered;
             request_id.map(|id| json!({ "type": kind::BROADCAST_CLIENT_COUNT, "requestId": id, "clientCount": 0 }))
         }
         _ => None,
@@ -159,38 +158,35 @@ fn selector(opts: &Value) -> Selector {
 }
 
 /// Delivers the packet of a broadcast-with-ack request to the local members it targets.
-async fn broadcast(ctx: &Context, namespace: &Namespace, request: &Value) -> usize {
-    let Some(packet) = request.get("packet") else {
-        return 0;
-    };
-    let Some(Value::Array(data)) = packet.get("data") else {
-        return 0;
+async fn broadcast(ctx: &Context, namespace: &Namespace, request: &Value) {
+    let packet = request.get("packet").and_then(|p| p.get("data"));
+    let Some(Value::Array(data)) = packet else {
+        return;
     };
     let Some(event) = data.first().and_then(Value::as_str) else {
-        return 0;
+        return;
     };
-    let arg = data.get(1).cloned().unwrap_or(Value::Null);
-    let Ok(data) = serde_json::value::to_raw_value(&arg) else {
-        return 0;
+    let arg = data.get(1).unwrap_or(&Value::Null);
+    let Ok(data) = serde_json::value::to_raw_value(arg) else {
+        return;
     };
+    let data: Arc<serde_json::value::RawValue> = data.into();
     let opts = selector(request.get("opts").unwrap_or(&Value::Null));
     let rooms = if opts.rooms.is_empty() {
         vec![RoomName::everyone()]
     } else {
-        opts.rooms.clone()
+        opts.rooms
     };
-    for room in &rooms {
+    for room in rooms {
         let payload = Payload::Event {
             name: event.into(),
-            data: Arc::from(data.clone()),
+            data: data.clone(),
         };
-        ctx.local
-            .deliver(Delivery {
-                key: RoomKey::new(namespace.clone(), room.clone()),
-                payload,
-                except: opts.except.clone(),
-            })
-            .await;
+        let delivery = Delivery {
+            key: RoomKey::new(namespace.clone(), room),
+            payload,
+            except: opts.except.clone(),
+        };
+        ctx.local.deliver(delivery).await;
     }
-    rooms.len()
 }
