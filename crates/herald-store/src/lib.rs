@@ -52,7 +52,9 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// A stored row back as a message.
+/// A stored row back as a message. Both stores select these columns by name, with the
+/// time as unix milliseconds in `ts`.
+#[derive(sqlx::FromRow)]
 struct Row {
     namespace: String,
     id: String,
@@ -64,6 +66,11 @@ struct Row {
 }
 
 impl Row {
+    /// The rows that still make valid messages (a room renamed past today's rules is skipped).
+    fn messages(rows: Vec<Row>) -> Vec<Arc<Message>> {
+        rows.into_iter().filter_map(Row::into_message).collect()
+    }
+
     fn into_message(self) -> Option<Arc<Message>> {
         Some(Arc::new(Message {
             namespace: Namespace::new(&self.namespace),

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::{BoxFuture, HistoryQuery, Message, RoomKey, Store, StoreError};
-use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::{Row, sql_offset, unavailable};
@@ -117,7 +116,7 @@ impl Store for PostgresStore {
                 (extract(epoch FROM created_at) * 1000)::bigint AS ts FROM messages"#;
             let rows = match query.since {
                 Some(since) => {
-                    sqlx::query(&format!(
+                    sqlx::query_as::<_, Row>(&format!(
                         r#"{columns} WHERE namespace = $1 AND room = $2 AND "offset" > $3 AND "offset" < $4 ORDER BY "offset" LIMIT $5"#
                     ))
                     .bind(key.namespace.as_str())
@@ -129,7 +128,7 @@ impl Store for PostgresStore {
                     .await
                 }
                 None => {
-                    sqlx::query(&format!(
+                    sqlx::query_as::<_, Row>(&format!(
                         r#"SELECT * FROM ({columns} WHERE namespace = $1 AND room = $2 AND "offset" < $3 ORDER BY "offset" DESC LIMIT $4) newest ORDER BY "offset""#
                     ))
                     .bind(key.namespace.as_str())
@@ -141,21 +140,7 @@ impl Store for PostgresStore {
                 }
             }
             .map_err(unavailable)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|r| {
-                    Row {
-                        namespace: r.try_get("namespace").ok()?,
-                        id: r.try_get("id").ok()?,
-                        room: r.try_get("room").ok()?,
-                        offset: r.try_get("offset").ok()?,
-                        sender: r.try_get("sender").ok()?,
-                        payload: r.try_get("payload").ok()?,
-                        ts: r.try_get("ts").ok()?,
-                    }
-                    .into_message()
-                })
-                .collect())
+            Ok(Row::messages(rows))
         })
     }
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::{BoxFuture, HistoryQuery, Message, RoomKey, Store, StoreError};
+use sqlx::QueryBuilder;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row as _};
 
 use crate::{Row, sql_offset, unavailable};
 
@@ -91,10 +91,10 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let before = query.before.map_or(i64::MAX, sql_offset);
             let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-            let columns = r#"SELECT namespace, id, room, "offset", sender, payload, created_at FROM messages"#;
+            let columns = r#"SELECT namespace, id, room, "offset", sender, payload, created_at AS ts FROM messages"#;
             let rows = match query.since {
                 Some(since) => {
-                    sqlx::query(&format!(
+                    sqlx::query_as::<_, Row>(&format!(
                         r#"{columns} WHERE namespace = ? AND room = ? AND "offset" > ? AND "offset" < ? ORDER BY "offset" LIMIT ?"#
                     ))
                     .bind(key.namespace.as_str())
@@ -106,7 +106,7 @@ impl Store for SqliteStore {
                     .await
                 }
                 None => {
-                    sqlx::query(&format!(
+                    sqlx::query_as::<_, Row>(&format!(
                         r#"SELECT * FROM ({columns} WHERE namespace = ? AND room = ? AND "offset" < ? ORDER BY "offset" DESC LIMIT ?) ORDER BY "offset""#
                     ))
                     .bind(key.namespace.as_str())
@@ -118,21 +118,7 @@ impl Store for SqliteStore {
                 }
             }
             .map_err(unavailable)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|r| {
-                    Row {
-                        namespace: r.try_get(0).ok()?,
-                        id: r.try_get(1).ok()?,
-                        room: r.try_get(2).ok()?,
-                        offset: r.try_get(3).ok()?,
-                        sender: r.try_get(4).ok()?,
-                        payload: r.try_get(5).ok()?,
-                        ts: r.try_get(6).ok()?,
-                    }
-                    .into_message()
-                })
-                .collect())
+            Ok(Row::messages(rows))
         })
     }
 }
