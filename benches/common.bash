@@ -10,7 +10,8 @@
 #   BENCH_ARGS   extra `herald bench` flags, appended last (they override the scenario's)
 #   JWT_SECRET   secret shared by the instances and the generator (default: a random one)
 # Any other herald setting in the environment (HERALD_OUTBOUND_QUEUE, HERALD_PERSIST, …)
-# reaches the instances.
+# reaches the instances. HERALD_IP_CONNECT_RATE defaults to 0 (unlimited) here, since every
+# generated client connects from 127.0.0.x.
 
 set -euo pipefail
 
@@ -145,6 +146,7 @@ start_herald() {
   fi
   env "${redis_env[@]}" PORT=0 HERALD_HOST=127.0.0.1 INSTANCE_ID="$name" \
     HERALD_DATA_DIR="$WORK/$name" HERALD_SHUTDOWN_TIMEOUT=3s \
+    HERALD_IP_CONNECT_RATE="${HERALD_IP_CONNECT_RATE:-0}" \
     RUST_LOG="${RUST_LOG:-warn,herald_server=info}" \
     "$HERALD_BIN" serve >/dev/null 2>"$log" &
   local pid=$!

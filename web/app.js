@@ -16,6 +16,7 @@
     mintHint: $("#mint-hint"),
     urls: $("#urls"),
     count: $("#count"),
+    transports: $("#transports"),
     connectAll: $("#connect-all"),
     disconnectAll: $("#disconnect-all"),
     room: $("#room"),
@@ -103,6 +104,7 @@
       // forceNew: one Engine.IO connection per client, as separate browsers would have.
       this.socket = io(url, {
         forceNew: true,
+        transports: ui.transports.value.split(","),
         auth: token ? { token } : {},
         reconnectionDelayMax: 3000,
       });

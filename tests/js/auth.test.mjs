@@ -116,6 +116,17 @@ describe('HS256 (JWT_SECRET)', { timeout: 60_000 }, () => {
     await assertUnauthorized(server.url, signJwt('none', null, claims({ sub: 'nobody' })));
   });
 
+  test('a token not valid yet (nbf in the future) → unauthorized, and 401 on /ws', async () => {
+    const now = nowSecs();
+    const early = token(server.secret, { sub: 'early', nbf: now + 300 });
+    await assertUnauthorized(server.url, early);
+    assert.equal(await wsRefusedStatus(server, early), 401);
+  });
+
+  test('/ws: alg "none" → 401', async () => {
+    assert.equal(await wsRefusedStatus(server, signJwt('none', null, claims({ sub: 'nobody' }))), 401);
+  });
+
   test('unknown namespace is refused', async () => {
     const socket = connect(`${server.url}/nope`, token(server.secret, { sub: 'alice' }));
     const err = await connectError(socket);
@@ -173,6 +184,12 @@ describe('RS256 (HERALD_JWT_PUBLIC_KEY as PEM text)', { timeout: 60_000 }, () =>
 
   test('HS256 token keyed with the public key PEM (algorithm confusion) is rejected', async () => {
     await assertUnauthorized(server.url, signJwt('HS256', pem, claims({ sub: 'confused' })));
+  });
+
+  test('/ws: algorithm confusion, alg "none" and a foreign key → 401', async () => {
+    assert.equal(await wsRefusedStatus(server, signJwt('HS256', pem, claims({ sub: 'confused' }))), 401);
+    assert.equal(await wsRefusedStatus(server, signJwt('none', null, claims({ sub: 'confused' }))), 401);
+    assert.equal(await wsRefusedStatus(server, signJwt('RS256', other.privateKey, claims({ sub: 'x' }))), 401);
   });
 });
 

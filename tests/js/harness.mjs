@@ -95,6 +95,8 @@ export async function startHerald(env = {}) {
     RUST_LOG: 'info',
     HERALD_LOG_FORMAT: 'text',
     NO_COLOR: '1',
+    // Every test connects from 127.0.0.1, some thousands at once; tests of the limit set it.
+    HERALD_IP_CONNECT_RATE: '0',
     ...env,
   };
   const childEnv = {};

@@ -21,11 +21,13 @@ pub struct Publication {
     /// The message goes to the durable queue too. A broker with a shared queue (Redis)
     /// appends it in the publish step itself; otherwise the publisher queues it.
     pub persist: bool,
+    /// The publishing instance, recorded with the stored row.
+    pub instance: Option<Arc<str>>,
 }
 
 impl Publication {
-    /// Gives the publication its place in the room.
-    pub fn at(self, offset: u64) -> Message {
+    /// Gives the publication its place in the room: `offset` counted within `epoch`.
+    pub fn at(self, offset: u64, epoch: Arc<str>) -> Message {
         Message {
             namespace: self.key.namespace,
             room: self.key.room,
@@ -34,6 +36,8 @@ impl Publication {
             from: self.from,
             data: self.data,
             ts: self.ts,
+            epoch,
+            instance: self.instance,
         }
     }
 }
@@ -51,6 +55,16 @@ pub struct Message {
     pub data: Box<RawValue>,
     /// Publish time, unix milliseconds.
     pub ts: i64,
+    /// The epoch `offset` counts within (see [`crate::Position`]). A store keys rows by
+    /// (namespace, room, epoch, offset), so a room whose offsets start over (a new process in
+    /// embedded mode, Redis history expiring, an instance serving alone while Redis is away)
+    /// never collides with rows stored before. Empty where unknown: live deliveries from
+    /// other instances do not carry it on the wire.
+    #[serde(skip)]
+    pub epoch: Arc<str>,
+    /// The instance that published the message, where known.
+    #[serde(skip)]
+    pub instance: Option<Arc<str>>,
 }
 
 impl Message {

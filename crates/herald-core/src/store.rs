@@ -22,22 +22,27 @@ pub enum StoreError {
 /// Where messages are kept for good.
 ///
 /// ## Guarantees
-/// - Writes are idempotent: a message already stored (same namespace, room and offset) is
-///   skipped, so a batch written twice (a worker retrying, or two workers racing) yields one
-///   row per message.
+/// - Writes are idempotent: a message already stored (same id, or same namespace, room,
+///   epoch and offset) is skipped, so a batch written twice (a worker retrying, or two
+///   workers racing) yields one row per message.
+/// - Offsets are unique within an epoch, not across them: a room whose offsets start over
+///   under a new epoch keeps every row of the old one.
 /// - A batch is written in one transaction: all of it or none.
 pub trait Store: Send + Sync + 'static {
     /// Writes a batch; returns how many rows were new.
     fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>>;
 
-    /// Checks that the store answers (for readiness).
+    /// Checks that the store answers, and where the engine can tell cheaply, that it takes
+    /// writes (for readiness, and for the worker to notice a store that came back).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// A room's messages by offset, with the same bounds as [`crate::Broker::history`]:
-    /// the oldest `limit` after `since`, or the newest `limit` before `before`; ascending.
+    /// A room's messages of one epoch by offset, with the same bounds as
+    /// [`crate::Broker::history`]: the oldest `limit` after `since`, or the newest `limit`
+    /// before `before`; ascending.
     fn history(
         &self,
         key: &RoomKey,
+        epoch: &str,
         query: HistoryQuery,
     ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>>;
 }
@@ -69,4 +74,18 @@ pub trait PersistQueue: Send + Sync + 'static {
 
     /// Entries waiting to be stored, for metrics.
     fn backlog(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Entries handed to a worker and not acknowledged yet, for metrics.
+    fn pending(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Whether a message pushed now would be kept until the store has it. A queue that lives
+    /// only in this process refuses while the store keeps failing: the publisher is told,
+    /// rather than acknowledged for a message that may never be stored.
+    fn accepting(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Told by the worker after each store write: `None` when it succeeded, the error
+    /// otherwise.
+    fn store_status(&self, _error: Option<&StoreError>) {}
 }

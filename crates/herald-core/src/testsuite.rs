@@ -149,6 +149,7 @@ pub fn publication(key: &RoomKey, data: &str) -> Publication {
         data: RawValue::from_string(data.to_owned()).expect("valid test json"),
         ts: 1,
         persist: false,
+        instance: None,
     }
 }
 
@@ -482,14 +483,22 @@ macro_rules! presence_test_suite {
     };
 }
 
+/// The epoch the store suite writes in, unless a test says otherwise.
+const EPOCH: &str = "e1";
+
 fn message_at(key: &RoomKey, offset: u64) -> Arc<crate::Message> {
+    message_in(key, EPOCH, offset)
+}
+
+fn message_in(key: &RoomKey, epoch: &str, offset: u64) -> Arc<crate::Message> {
     let mut publication = publication(
         key,
         &format!("{{\"n\":{offset},\"text\":\"hi, \\\"you\\\"\"}}"),
     );
-    publication.id = format!("{}-{offset}", key.room);
+    publication.id = format!("{}-{epoch}-{offset}", key.room);
     publication.ts = 1_700_000_000_000 + offset as i64;
-    Arc::new(publication.at(offset))
+    publication.instance = Some("node-a".into());
+    Arc::new(publication.at(offset, epoch.into()))
 }
 
 pub async fn store_writes_are_idempotent(store: Arc<dyn crate::Store>) {
@@ -506,6 +515,7 @@ pub async fn store_writes_are_idempotent(store: Arc<dyn crate::Store>) {
     let all = store
         .history(
             &key,
+            EPOCH,
             HistoryQuery {
                 since: Some(0),
                 before: None,
@@ -516,7 +526,13 @@ pub async fn store_writes_are_idempotent(store: Arc<dyn crate::Store>) {
         .expect("history");
     assert_eq!(offsets(&all), (1..=7).collect::<Vec<_>>());
     let first = &all[0];
-    assert_eq!(first.id, format!("{}-1", key.room));
+    assert_eq!(first.id, format!("{}-{EPOCH}-1", key.room));
+    assert_eq!(&*first.epoch, EPOCH);
+    assert_eq!(
+        first.instance.as_deref(),
+        Some("node-a"),
+        "the publishing instance is kept"
+    );
     assert_eq!(first.from.as_str(), "tester");
     assert_eq!(first.ts, 1_700_000_000_001);
     let data: serde_json::Value = serde_json::from_str(first.data.get()).expect("json");
@@ -537,30 +553,57 @@ pub async fn store_history_pages_like_the_broker(store: Arc<dyn crate::Store>) {
         limit,
     };
     let page = store
-        .history(&key, q(Some(2), None, 2))
+        .history(&key, EPOCH, q(Some(2), None, 2))
         .await
         .expect("history");
     assert_eq!(offsets(&page), vec![3, 4]);
     let page = store
-        .history(&key, q(None, None, 2))
+        .history(&key, EPOCH, q(None, None, 2))
         .await
         .expect("history");
     assert_eq!(offsets(&page), vec![5, 6]);
     let page = store
-        .history(&key, q(None, Some(4), 10))
+        .history(&key, EPOCH, q(None, Some(4), 10))
         .await
         .expect("history");
     assert_eq!(offsets(&page), vec![1, 2, 3]);
     let page = store
-        .history(&key, q(Some(1), Some(4), 10))
+        .history(&key, EPOCH, q(Some(1), Some(4), 10))
         .await
         .expect("history");
     assert_eq!(offsets(&page), vec![2, 3]);
     let page = store
-        .history(&other, q(Some(0), None, 10))
+        .history(&other, EPOCH, q(Some(0), None, 10))
         .await
         .expect("history");
     assert_eq!(offsets(&page), vec![1], "rooms are separate");
+}
+
+pub async fn store_keeps_epochs_apart(store: Arc<dyn crate::Store>) {
+    let key = key("store-epochs");
+    let all = HistoryQuery {
+        since: Some(0),
+        before: None,
+        limit: 100,
+    };
+    let old: Vec<_> = (1..=3).map(|o| message_in(&key, "old", o)).collect();
+    assert_eq!(store.write(&old).await.expect("write old"), 3);
+    // The room's offsets start over under a new epoch (a restart, or serving alone while
+    // Redis is away): the same offsets are new rows, not duplicates.
+    let new: Vec<_> = (1..=2).map(|o| message_in(&key, "new", o)).collect();
+    assert_eq!(store.write(&new).await.expect("write new"), 2);
+    assert_eq!(store.write(&new).await.expect("rewrite new"), 0);
+    let page = store.history(&key, "old", all).await.expect("old history");
+    assert_eq!(offsets(&page), vec![1, 2, 3]);
+    assert!(page.iter().all(|m| &*m.epoch == "old"));
+    let page = store.history(&key, "new", all).await.expect("new history");
+    assert_eq!(offsets(&page), vec![1, 2]);
+    assert!(page.iter().all(|m| &*m.epoch == "new"));
+    let page = store
+        .history(&key, "never", all)
+        .await
+        .expect("unknown epoch");
+    assert!(page.is_empty(), "an epoch with no rows has no history");
 }
 
 /// Runs the store suite against the store an async factory builds (each call a fresh store).
@@ -569,7 +612,8 @@ macro_rules! store_test_suite {
     ($make:expr) => {
         $crate::store_test_suite!(@tests $make;
             store_writes_are_idempotent,
-            store_history_pages_like_the_broker);
+            store_history_pages_like_the_broker,
+            store_keeps_epochs_apart);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(

@@ -23,7 +23,8 @@ use crate::{RedisSettings, metric};
 ///
 /// KEYS: offset, history stream, epoch, persist stream. ARGV: channel, wire head, wire tail,
 /// json head, json tail, history size, TTL seconds, epoch for a new history, persist (1/0),
-/// namespace.
+/// namespace, publishing instance. The persist stream entry carries the room's epoch, so the
+/// store keys the row by it.
 const PUBLISH_SCRIPT: &str = r#"
 local off = redis.call('INCR', KEYS[1])
 if off == 1 then
@@ -40,7 +41,7 @@ if size > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
 end
 if ARGV[9] == '1' then
-  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5])
+  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5], 'ep', epoch, 'in', ARGV[11])
 end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
@@ -73,9 +74,16 @@ enum SubCmd {
 ///
 /// ## Failure
 /// While Redis is unreachable (at start or later) the broker serves this instance alone
-/// through an in-memory broker, under another epoch, so local delivery goes on. It keeps
-/// reconnecting with capped backoff; once back, it resubscribes and repairs the gap of every
-/// room from history.
+/// through an in-memory broker, under another epoch ([`RedisBroker::fallback_epoch`]), so
+/// local delivery goes on. It keeps reconnecting with capped backoff; once back, it
+/// resubscribes and repairs the gap of every room from history.
+///
+/// ## Liveness
+/// A pub/sub connection can die without closing (a half-open TCP connection, a proxy that
+/// stops forwarding): it would deliver nothing, forever. Every `probe_interval` the broker
+/// publishes a probe on a channel only this instance subscribes to; when the previous probe
+/// has not come back by then, the connection is presumed dead and the broker reconnects
+/// (counted in `herald_redis_pubsub_probe_failures_total`).
 pub struct RedisBroker {
     inner: Arc<Inner>,
 }
@@ -126,6 +134,12 @@ impl RedisBroker {
         self.inner.conn()
     }
 
+    /// The epoch of the messages this broker accepts alone while Redis is away. They are
+    /// not in the fleet's persist stream; the publisher queues them for the store itself.
+    pub fn fallback_epoch(&self) -> Arc<str> {
+        self.inner.fallback.epoch()
+    }
+
     /// Whether Redis is connected; false while the broker serves this instance alone.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.inner.connected.subscribe()
@@ -155,11 +169,11 @@ impl Inner {
         let channel = channels.room(&publication.key.room);
         let keys = room_keys(&self.settings.key, &publication.key);
         let persist = publication.persist;
-        let draft = publication.at(0);
+        let draft = publication.at(0, "".into());
         let parts = codec::message_parts(&self.settings.uid, &draft)
             .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
         let started = Instant::now();
-        let (offset, _epoch): (u64, String) = self
+        let (offset, epoch): (u64, String) = self
             .script
             .key(&keys[0])
             .key(&keys[1])
@@ -175,12 +189,17 @@ impl Inner {
             .arg(new_epoch())
             .arg(if persist { "1" } else { "0" })
             .arg(draft.namespace.as_str())
+            .arg(draft.instance.as_deref().unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
         metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
         metrics::histogram!(metric::BROKER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(Arc::new(Message { offset, ..draft }))
+        Ok(Arc::new(Message {
+            offset,
+            epoch: epoch.into(),
+            ..draft
+        }))
     }
 
     async fn broadcast(
@@ -270,11 +289,17 @@ impl Inner {
             entries.reverse();
         }
         let top = top.unwrap_or(0);
+        let epoch: Arc<str> = epoch.unwrap_or_else(|| "0".to_owned()).into();
         let mut messages: Vec<Arc<Message>> = entries
             .into_iter()
             .filter_map(|(_, fields)| fields.into_iter().find(|(f, _)| f == "m").map(|(_, v)| v))
             .filter_map(|json| serde_json::from_str::<StoredMessage>(&json).ok())
-            .map(|stored| Arc::new(stored.into_message(&key.namespace)))
+            .map(|stored| {
+                Arc::new(Message {
+                    epoch: epoch.clone(),
+                    ..stored.into_message(&key.namespace)
+                })
+            })
             .collect();
         if limit == 0 {
             messages.clear();
@@ -294,13 +319,9 @@ impl Inner {
             }
             None => true,
         };
-        let epoch = epoch.unwrap_or_else(|| "0".to_owned());
         Ok(HistoryPage {
             messages,
-            position: Position {
-                offset: top,
-                epoch: epoch.into(),
-            },
+            position: Position { offset: top, epoch },
             complete,
         })
     }
@@ -424,10 +445,12 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
     let mut last: HashMap<RoomKey, u64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
+    let mut probes = 0u64;
     loop {
         let Some(broker) = inner.upgrade() else {
             return;
         };
+        let probe_channel = probe_channel(&broker.settings);
         match connect(&broker, &rooms).await {
             Ok((conn, pubsub)) => {
                 backoff = Duration::from_millis(100);
@@ -437,10 +460,24 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
                     metrics::counter!(metric::REDIS_RECONNECTS).increment(1);
                 }
                 tracing::info!(url = %broker.settings.redacted_url(), "redis connected: serving as part of the fleet");
-                repair_all(&broker, conn, &mut last).await;
+                repair_all(&broker, conn.clone(), &mut last).await;
                 let (mut sink, mut stream) = pubsub.split();
+                let mut probe = tokio::time::interval(broker.settings.probe_interval);
+                probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                probe.reset();
+                let mut awaiting = false;
                 loop {
                     tokio::select! {
+                        _ = probe.tick() => {
+                            if awaiting {
+                                metrics::counter!(metric::PUBSUB_PROBE_FAILURES).increment(1);
+                                tracing::warn!("redis pub/sub connection delivers nothing: reconnecting");
+                                break;
+                            }
+                            awaiting = true;
+                            probes += 1;
+                            send_probe(conn.clone(), probe_channel.clone(), probes);
+                        }
                         cmd = subs.recv() => {
                             let Some(cmd) = cmd else { return };
                             let mut batch = vec![cmd];
@@ -459,6 +496,10 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
                         }
                         msg = stream.next() => {
                             let Some(msg) = msg else { break };
+                            if msg.get_channel_name() == probe_channel {
+                                awaiting = false;
+                                continue;
+                            }
                             on_message(&broker, &rooms, &mut last, msg).await;
                         }
                     }
@@ -497,6 +538,27 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The channel of this instance's liveness probes: under the adapter's prefix, but outside
+/// its `#<nsp>#` channels, so no adapter ever reads it.
+fn probe_channel(settings: &RedisSettings) -> String {
+    format!("herald-probe#{}#{}", settings.key, settings.uid)
+}
+
+/// Publishes one probe without holding up the link; a probe that fails to go out simply
+/// does not come back, and the next tick reconnects.
+fn send_probe(mut conn: ConnectionManager, channel: String, seq: u64) {
+    tokio::spawn(async move {
+        let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(seq)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "redis probe not published");
+        }
+    });
 }
 
 struct Additions {
@@ -543,6 +605,7 @@ async fn connect(
     let conn = ConnectionManager::new_with_config(broker.client.clone(), config).await?;
     let mut pubsub = broker.client.get_async_pubsub().await?;
     let mut channels: Vec<String> = rooms.keys().cloned().collect();
+    channels.push(probe_channel(&broker.settings));
     for ch in broker.channels.values() {
         channels.push(ch.broadcast.clone());
         channels.push(ch.request.clone());
@@ -615,6 +678,7 @@ async fn on_message(
         let broadcast = match codec::decode_broadcast(msg.get_payload_bytes()) {
             Ok(b) => b,
             Err(e) => {
+                metrics::counter!(metric::BROKER_DECODE_ERRORS, "kind" => kind).increment(1);
                 tracing::debug!(channel, error = %e, "ignoring an unreadable broadcast");
                 return;
             }

@@ -11,6 +11,19 @@ pub const EVENT: u64 = 2;
 /// The uid `@socket.io/redis-emitter` puts in its broadcasts.
 pub const EMITTER_UID: &str = "emitter";
 
+/// How deeply msgpack off the wire may nest, in rmpv's units (two per array or map level):
+/// about 127 levels, as deep as serde_json reads JSON and far beyond any real packet. rmpv's
+/// own limit lets garbage nest deeply enough to overflow a tokio worker's stack in a debug
+/// build.
+pub const MAX_DEPTH: usize = 256;
+
+/// Reads one msgpack value, no deeper than [`MAX_DEPTH`].
+fn read_msgpack(mut bytes: &[u8]) -> Result<Value, CodecError> {
+    Ok(rmpv::decode::read_value_with_max_depth(
+        &mut bytes, MAX_DEPTH,
+    )?)
+}
+
 /// Why bytes off the wire could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -234,8 +247,8 @@ fn strings(value: Option<&Value>) -> Vec<String> {
 }
 
 /// Decodes a broadcast, reading the packet and options as maps whatever their key order.
-pub fn decode_broadcast(mut bytes: &[u8]) -> Result<Broadcast, CodecError> {
-    let value = rmpv::decode::read_value(&mut bytes)?;
+pub fn decode_broadcast(bytes: &[u8]) -> Result<Broadcast, CodecError> {
+    let value = read_msgpack(bytes)?;
     let Value::Array(parts) = value else {
         return Err(CodecError::Shape("broadcast is not an array"));
     };
@@ -272,6 +285,15 @@ pub fn decode_broadcast(mut bytes: &[u8]) -> Result<Broadcast, CodecError> {
     })
 }
 
+/// Decodes a request off the request channel: JSON, or msgpack for broadcasts with acks
+/// (read as JSON values, so that both encodings are answered by the same code).
+pub fn decode_request(bytes: &[u8]) -> Result<serde_json::Value, CodecError> {
+    if bytes.first() == Some(&b'{') {
+        return Ok(serde_json::from_slice(bytes)?);
+    }
+    Ok(serde_json::to_value(read_msgpack(bytes)?)?)
+}
+
 /// A message as kept in a room's history stream.
 #[derive(Deserialize)]
 pub struct StoredMessage {
@@ -293,6 +315,8 @@ impl StoredMessage {
             from: herald_core::UserId::new(self.from),
             data: self.data,
             ts: self.ts,
+            epoch: "".into(),
+            instance: None,
         }
     }
 }
@@ -346,6 +370,8 @@ mod tests {
             data: serde_json::value::RawValue::from_string("{\"text\":\"hi\",\"n\":[1,2]}".into())
                 .expect("json"),
             ts: 1_700_000_000_123,
+            epoch: "e".into(),
+            instance: None,
         }
     }
 
@@ -416,6 +442,61 @@ mod tests {
         assert!(decode_broadcast(b"").is_err());
         assert!(decode_broadcast(&[0x93, 0xc0, 0x01, 0x02]).is_err());
         assert!(decode_broadcast(b"{\"json\":true}").is_err());
+    }
+
+    #[test]
+    fn requests_decode_from_json_and_msgpack_and_garbage_is_an_error() {
+        let json = decode_request(br#"{"type":0,"requestId":"r1"}"#).expect("json");
+        assert_eq!(json["requestId"], "r1");
+        let mut mp = Mp(Vec::new());
+        mp.map(2).str("type").uint(7).str("uid").str("n1");
+        let msgpack = decode_request(&mp.0).expect("msgpack");
+        assert_eq!(
+            (msgpack["type"].as_u64(), msgpack["uid"].as_str()),
+            (Some(7), Some("n1"))
+        );
+        for garbage in [
+            &b""[..],
+            b"{\"type\":",
+            b"{}}",
+            b"\xdd\xff\xff\xff\xff",
+            b"\x93\x01",
+        ] {
+            assert!(decode_request(garbage).is_err(), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // Regression: 100,000 nested arrays published on a broadcast channel overflowed the
+        // stack of a debug build's tokio worker (2 MiB), and the instance aborted. Reading
+        // them alone needed more than 1 MiB of a debug build's stack.
+        let deep = [vec![0x91; 100_000], vec![0xc0]].concat();
+        // A broadcast whose argument nests 100 levels still reads.
+        let mut nested = Mp(Vec::new());
+        nested
+            .array(3)
+            .str("u")
+            .map(2)
+            .str("data")
+            .array(2)
+            .str("e");
+        nested.0.extend([0x91; 100]);
+        nested.0.push(0xc0);
+        nested.str("nsp").str("/").map(0);
+        let read = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || {
+                assert!(decode_broadcast(&deep).is_err());
+                assert!(decode_request(&deep).is_err());
+                let b = decode_broadcast(&nested.0).expect("100 levels read");
+                assert!(to_json(&b.args[0]).is_ok());
+                b.event
+            })
+            .expect("spawn")
+            .join()
+            .expect("no overflow");
+        assert_eq!(read, "e");
     }
 
     #[test]

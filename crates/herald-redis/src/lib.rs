@@ -42,6 +42,8 @@ pub struct RedisSettings {
     pub presence_ttl: Duration,
     /// This server's uid on the wire.
     pub uid: String,
+    /// How often the pub/sub connection is probed for liveness (see [`broker::RedisBroker`]).
+    pub probe_interval: Duration,
 }
 
 impl RedisSettings {
@@ -71,10 +73,15 @@ impl RedisSettings {
 pub mod metric {
     pub const BROKER_PUBLISHES: &str = "herald_broker_publishes_total";
     pub const BROKER_RECEIVES: &str = "herald_broker_receives_total";
+    /// Broadcasts and requests off Redis that could not be read (label `kind`: namespace,
+    /// room or request), and were ignored.
+    pub const BROKER_DECODE_ERRORS: &str = "herald_broker_decode_errors_total";
     pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
     pub const BROKER_LATENCY: &str = "herald_cross_instance_latency_seconds";
     pub const REDIS_ERRORS: &str = "herald_redis_errors_total";
     pub const REDIS_RECONNECTS: &str = "herald_redis_reconnects_total";
+    /// Pub/sub connections found dead by the liveness probe (and so replaced).
+    pub const PUBSUB_PROBE_FAILURES: &str = "herald_redis_pubsub_probe_failures_total";
     pub const GAPS_REPAIRED: &str = "herald_gap_messages_repaired_total";
     pub const PRESENCE_ENTRIES: &str = "herald_presence_entries";
     pub const PRESENCE_EXPIRED: &str = "herald_presence_expired_total";

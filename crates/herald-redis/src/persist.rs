@@ -1,12 +1,12 @@
 //! The fleet's persist queue: the Redis Stream `herald:persist`, appended by the publish
 //! script and read by workers in the consumer group `persist-workers`.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_core::{BoxFuture, Entry, Namespace, PersistQueue, StoreError};
 use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
 
 use crate::RedisSettings;
 use crate::codec::StoredMessage;
@@ -31,13 +31,23 @@ pub fn stream_key(prefix: &str) -> String {
 /// committed them. Entries a dead worker read but never acknowledged are claimed with
 /// XAUTOCLAIM once idle for `claim_idle`. The stream has no length cap: trimming it would
 /// drop messages that are not stored yet.
+///
+/// ## Dead connections
+/// A blocking read has no response timeout of its own, so every call is bounded by its
+/// blocking time plus [`REPLY_GRACE`]: a connection that never answers (half-open, or behind
+/// a stuck proxy) is dropped and the next call connects afresh, rather than the worker
+/// waiting forever.
 pub struct RedisQueue {
     settings: RedisSettings,
     stream: String,
     consumer: String,
     claim_idle: Duration,
-    conn: OnceCell<ConnectionManager>,
+    conn: Mutex<Option<ConnectionManager>>,
 }
+
+/// How long a reply may take beyond a call's own blocking time before the connection is
+/// presumed dead and replaced.
+pub const REPLY_GRACE: Duration = Duration::from_secs(10);
 
 impl RedisQueue {
     pub fn new(settings: RedisSettings, consumer: &str, claim_idle: Duration) -> Self {
@@ -46,37 +56,79 @@ impl RedisQueue {
             settings,
             consumer: consumer.to_owned(),
             claim_idle,
-            conn: OnceCell::new(),
+            conn: Mutex::new(None),
         }
     }
 
     /// A connection of its own: blocking reads must not stall the broker's commands.
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let client = self.settings.client().map_err(unavailable)?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(3)))
-                    .set_response_timeout(None);
-                let mut conn = ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(unavailable)?;
-                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&self.stream)
-                    .arg(GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut conn)
-                    .await;
-                match created {
-                    Err(e) if e.code() != Some("BUSYGROUP") => Err(unavailable(e)),
-                    _ => Ok(conn),
-                }
-            })
-            .await?;
-        Ok(conn.clone())
+        if let Some(conn) = &*self.conn.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(conn.clone());
+        }
+        let client = self.settings.client().map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(None);
+        let mut conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
+        self.answer(Duration::ZERO, self.create_group(&mut conn))
+            .await??;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Awaits one call, for at most `blocking` plus [`REPLY_GRACE`]; past that the connection
+    /// is dropped, so that the next call opens a new one.
+    async fn answer<T>(
+        &self,
+        blocking: Duration,
+        call: impl Future<Output = T>,
+    ) -> Result<T, StoreError> {
+        let limit = blocking + REPLY_GRACE;
+        match tokio::time::timeout(limit, call).await {
+            Ok(reply) => Ok(reply),
+            Err(_) => {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::warn!(
+                    ?limit,
+                    "redis persist stream connection did not answer: reconnecting"
+                );
+                Err(unavailable(format!("no reply within {limit:?}")))
+            }
+        }
+    }
+
+    /// Creates the stream and its consumer group unless they exist. A group made now reads
+    /// from the stream's start, so entries appended before it are not skipped.
+    async fn create_group(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(unavailable(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Turns a read error into the queue's error; a Redis that lost the group (it restarted
+    /// without its data) gets it back, and the next read goes on from there.
+    async fn read_failed(
+        &self,
+        conn: &mut ConnectionManager,
+        e: redis::RedisError,
+    ) -> Result<Vec<Entry>, StoreError> {
+        if e.code() == Some("NOGROUP") {
+            tracing::warn!(stream = %self.stream, "persist stream group missing (Redis lost its data?): creating it again");
+            self.create_group(conn).await?;
+            return Ok(Vec::new());
+        }
+        Err(unavailable(e))
     }
 }
 
@@ -97,9 +149,13 @@ fn entries(raw: StreamEntries) -> Vec<Entry> {
             };
             let namespace = Namespace::new(field("ns").unwrap_or("/"));
             let stored: StoredMessage = serde_json::from_str(field("m")?).ok()?;
+            let mut message = stored.into_message(&namespace);
+            // Entries appended before epochs were recorded count in the empty epoch.
+            message.epoch = field("ep").unwrap_or_default().into();
+            message.instance = field("in").filter(|i| !i.is_empty()).map(Into::into);
             Some(Entry {
                 id,
-                message: Arc::new(stored.into_message(&namespace)),
+                message: Arc::new(message),
             })
         })
         .collect()
@@ -114,17 +170,24 @@ impl PersistQueue for RedisQueue {
     fn read(&self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Entry>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn().await?;
-            let (_, claimed, _): (String, StreamEntries, Vec<String>) = redis::cmd("XAUTOCLAIM")
-                .arg(&self.stream)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(self.claim_idle.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(max)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let claimed: redis::RedisResult<(String, StreamEntries, Vec<String>)> = self
+                .answer(
+                    Duration::ZERO,
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&self.stream)
+                        .arg(GROUP)
+                        .arg(&self.consumer)
+                        .arg(self.claim_idle.as_millis() as u64)
+                        .arg("0-0")
+                        .arg("COUNT")
+                        .arg(max)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let (_, claimed, _) = match claimed {
+                Ok(claimed) => claimed,
+                Err(e) => return self.read_failed(&mut conn, e).await,
+            };
             let mut batch = entries(claimed);
             if !batch.is_empty() {
                 tracing::info!(consumer = %self.consumer, claimed = batch.len(), "claimed entries of an idle worker");
@@ -136,20 +199,29 @@ impl PersistQueue for RedisQueue {
                 if left.is_zero() {
                     break;
                 }
-                let reply: Option<Vec<(String, StreamEntries)>> = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg("COUNT")
-                    .arg(max - batch.len())
-                    .arg("BLOCK")
-                    .arg(left.as_millis().max(1) as u64)
-                    .arg("STREAMS")
-                    .arg(&self.stream)
-                    .arg(">")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
+                let reply: redis::RedisResult<Option<Vec<(String, StreamEntries)>>> = self
+                    .answer(
+                        left,
+                        redis::cmd("XREADGROUP")
+                            .arg("GROUP")
+                            .arg(GROUP)
+                            .arg(&self.consumer)
+                            .arg("COUNT")
+                            .arg(max - batch.len())
+                            .arg("BLOCK")
+                            .arg(left.as_millis().max(1) as u64)
+                            .arg("STREAMS")
+                            .arg(&self.stream)
+                            .arg(">")
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                let reply = match reply {
+                    Ok(reply) => reply,
+                    Err(e) if batch.is_empty() => return self.read_failed(&mut conn, e).await,
+                    // Entries read already are handed over; the error comes back next read.
+                    Err(_) => break,
+                };
                 for (_, raw) in reply.unwrap_or_default() {
                     batch.extend(entries(raw));
                 }
@@ -165,8 +237,8 @@ impl PersistQueue for RedisQueue {
                 return Ok(());
             }
             let mut conn = self.conn().await?;
-            redis::pipe()
-                .cmd("XACK")
+            let mut pipe = redis::pipe();
+            pipe.cmd("XACK")
                 .arg(&self.stream)
                 .arg(GROUP)
                 .arg(&ids)
@@ -174,21 +246,46 @@ impl PersistQueue for RedisQueue {
                 .cmd("XDEL")
                 .arg(&self.stream)
                 .arg(&ids)
-                .ignore()
-                .exec_async(&mut conn)
-                .await
+                .ignore();
+            self.answer(Duration::ZERO, pipe.exec_async(&mut conn))
+                .await?
                 .map_err(unavailable)
+        })
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let summary: redis::Value = self
+                .answer(
+                    Duration::ZERO,
+                    redis::cmd("XPENDING")
+                        .arg(&self.stream)
+                        .arg(GROUP)
+                        .query_async(&mut conn),
+                )
+                .await?
+                .map_err(unavailable)?;
+            // The summary form: [count, smallest id, greatest id, [[consumer, count]…]].
+            match summary {
+                redis::Value::Array(items) => match items.first() {
+                    Some(redis::Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+                    _ => Ok(0),
+                },
+                _ => Ok(0),
+            }
         })
     }
 
     fn backlog(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn().await?;
-            redis::cmd("XLEN")
-                .arg(&self.stream)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)
+            self.answer(
+                Duration::ZERO,
+                redis::cmd("XLEN").arg(&self.stream).query_async(&mut conn),
+            )
+            .await?
+            .map_err(unavailable)
         })
     }
 }

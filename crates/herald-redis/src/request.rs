@@ -10,7 +10,8 @@ use herald_core::{
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 
-use crate::codec::{Channels, request as kind};
+use crate::codec::{self, Channels, request as kind};
+use crate::metric;
 
 /// What answering a request needs.
 pub struct Context {
@@ -22,10 +23,11 @@ pub struct Context {
 
 /// Reads a request (JSON, or msgpack for broadcasts with acks) and answers it.
 pub async fn handle(ctx: &Context, namespace: &Namespace, bytes: &[u8]) {
-    let request = match decode(bytes) {
-        Some(request) => request,
-        None => {
-            tracing::debug!(%namespace, "ignoring an unreadable request");
+    let request = match codec::decode_request(bytes) {
+        Ok(request) => request,
+        Err(e) => {
+            metrics::counter!(metric::BROKER_DECODE_ERRORS, "kind" => "request").increment(1);
+            tracing::debug!(%namespace, error = %e, "ignoring an unreadable request");
             return;
         }
     };
@@ -128,14 +130,6 @@ pub async fn handle(ctx: &Context, namespace: &Namespace, bytes: &[u8]) {
             tracing::debug!(error = %e, "could not answer a request");
         }
     }
-}
-
-fn decode(bytes: &[u8]) -> Option<Value> {
-    if bytes.first() == Some(&b'{') {
-        return serde_json::from_slice(bytes).ok();
-    }
-    let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
-    serde_json::to_value(&value).ok()
 }
 
 fn room_list(value: Option<&Value>) -> Vec<RoomName> {

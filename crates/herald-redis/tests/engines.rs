@@ -26,6 +26,7 @@ fn settings() -> RedisSettings {
         history_ttl: Duration::from_secs(600),
         presence_ttl: Duration::from_secs(30),
         uid: format!("u{nanos:x}"),
+        probe_interval: Duration::from_secs(1),
     }
 }
 

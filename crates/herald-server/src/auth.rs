@@ -119,6 +119,8 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
         validation.validate_aud = false;
+        // A token issued for later (`nbf` in the future) is not valid yet.
+        validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)?.claims;
         let user = UserId::new(claims.sub.as_str());
         // The user's personal room must be a valid room name, which bounds the id's charset.
@@ -281,6 +283,28 @@ mod tests {
         let key = EncodingKey::from_secret(secret.expose().as_bytes());
         let token = jsonwebtoken::encode(&Header::default(), &claims, &key).expect("encode");
         assert!(v.verify(Some(&token)).is_err());
+    }
+
+    #[test]
+    fn tokens_not_valid_yet_are_refused() {
+        let (v, secret) = verifier(AuthMode::On);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let key = EncodingKey::from_secret(secret.expose().as_bytes());
+        let early = serde_json::json!({"sub": "carol", "exp": now + 7200, "nbf": now + 3600});
+        let token = jsonwebtoken::encode(&Header::default(), &early, &key).expect("encode");
+        assert!(v.verify(Some(&token)).is_err(), "nbf in the future");
+        let ready = serde_json::json!({"sub": "carol", "exp": now + 7200, "nbf": now - 10});
+        let token = jsonwebtoken::encode(&Header::default(), &ready, &key).expect("encode");
+        assert!(v.verify(Some(&token)).is_ok(), "nbf in the past");
+        let forever = serde_json::json!({"sub": "carol"});
+        let token = jsonwebtoken::encode(&Header::default(), &forever, &key).expect("encode");
+        assert!(
+            v.verify(Some(&token)).is_err(),
+            "a token without exp never expires"
+        );
     }
 
     #[test]

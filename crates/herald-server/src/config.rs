@@ -10,6 +10,8 @@ use std::time::Duration;
 use herald_core::Namespace;
 use serde::Serialize;
 
+use crate::limits::IpRange;
+
 /// A setting that could not be used. Its message names the setting and the source it came
 /// from, in one line.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +105,29 @@ pub struct Config {
     pub event_rate: u32,
     /// Events per second one user may send over all their connections here; 0 disables.
     pub user_event_rate: u32,
+    /// New connections per second from one client address (bursts of twice that); 0 disables.
+    pub ip_connect_rate: u32,
+    /// Open connections this instance accepts; 0 is unlimited.
+    pub max_connections: usize,
+    /// Open connections one user may hold on this instance; 0 is unlimited.
+    pub max_user_connections: usize,
+    /// Rooms one connection may join (beyond its own personal room); 0 is unlimited.
+    pub max_rooms: usize,
+    /// How long data sent to a client may stay unacknowledged (a peer that stopped reading)
+    /// before the connection is aborted: TCP_USER_TIMEOUT on Linux; 0 leaves the system's.
+    #[serde(serialize_with = "serialize_duration")]
+    pub send_timeout: Duration,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` / `X-Real-IP` name the
+    /// client; from any other peer those headers are ignored.
+    pub trusted_proxies: Vec<IpRange>,
+    /// How long a stopping instance waits for its connections, queue and presence.
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
+    /// Client transports closed per batch while draining at shutdown.
+    pub drain_batch: usize,
+    /// Pause between drain batches, so that clients reconnect elsewhere in waves.
+    #[serde(serialize_with = "serialize_duration")]
+    pub drain_interval: Duration,
     pub log_format: LogFormat,
     /// Origins browsers may call from (Socket.IO polling, the HTTP API); `*` is any origin.
     /// Auth is by token, never by cookie, so no credentials are allowed cross-origin.
@@ -142,6 +165,11 @@ pub struct Config {
     /// worker claims it.
     #[serde(serialize_with = "serialize_duration")]
     pub claim_idle: Duration,
+    /// How often the Redis pub/sub connection is probed: a message published on this
+    /// instance's private channel must come back before the next probe, or the connection is
+    /// presumed dead and replaced.
+    #[serde(serialize_with = "serialize_duration")]
+    pub redis_probe_interval: Duration,
 }
 
 impl Default for Config {
@@ -161,7 +189,15 @@ impl Default for Config {
             outbound_queue: 1024,
             event_rate: 1000,
             user_event_rate: 5000,
+            ip_connect_rate: 50,
+            max_connections: 100_000,
+            max_user_connections: 100,
+            max_rooms: 128,
+            trusted_proxies: Vec::new(),
+            send_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
+            drain_batch: 500,
+            drain_interval: Duration::from_millis(100),
             log_format: LogFormat::Text,
             cors_origins: vec!["*".to_owned()],
             redis_url: None,
@@ -178,6 +214,7 @@ impl Default for Config {
             batch_size: 100,
             batch_timeout: Duration::from_secs(5),
             claim_idle: Duration::from_secs(30),
+            redis_probe_interval: Duration::from_secs(2),
         }
     }
 }
@@ -199,7 +236,15 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_OUTBOUND_QUEUE", "outbound_queue"),
     ("HERALD_EVENT_RATE", "event_rate"),
     ("HERALD_USER_EVENT_RATE", "user_event_rate"),
+    ("HERALD_IP_CONNECT_RATE", "ip_connect_rate"),
+    ("HERALD_MAX_CONNECTIONS", "max_connections"),
+    ("HERALD_MAX_USER_CONNECTIONS", "max_user_connections"),
+    ("HERALD_MAX_ROOMS", "max_rooms"),
+    ("HERALD_TRUSTED_PROXIES", "trusted_proxies"),
+    ("HERALD_SEND_TIMEOUT", "send_timeout"),
     ("HERALD_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+    ("HERALD_DRAIN_BATCH", "drain_batch"),
+    ("HERALD_DRAIN_INTERVAL", "drain_interval"),
     ("HERALD_LOG_FORMAT", "log_format"),
     ("HERALD_CORS_ORIGINS", "cors_origins"),
     ("REDIS_URL", "redis_url"),
@@ -217,7 +262,21 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BATCH_SIZE", "batch_size"),
     ("BATCH_TIMEOUT", "batch_timeout"),
     ("HERALD_CLAIM_IDLE", "claim_idle"),
+    ("HERALD_REDIS_PROBE_INTERVAL", "redis_probe_interval"),
 ];
+
+/// `HERALD_*` names in `env` that herald does not know: most likely typos, which would
+/// otherwise be ignored without a word.
+pub fn unknown_env_names(env: &HashMap<String, String>) -> Vec<String> {
+    let mut unknown: Vec<String> = env
+        .keys()
+        .filter(|name| name.starts_with("HERALD_"))
+        .filter(|name| !ENV_VARS.iter().any(|(known, _)| known == name))
+        .cloned()
+        .collect();
+    unknown.sort();
+    unknown
+}
 
 impl Config {
     /// Builds the configuration from `env`, then the TOML file at `file`, then `flags`
@@ -283,6 +342,10 @@ impl Config {
             "shutdown_timeout" => {
                 self.shutdown_timeout = parse_duration(value).map_err(|e| invalid(&e))?
             }
+            "drain_batch" => self.drain_batch = value.parse().map_err(|e| invalid(&e))?,
+            "drain_interval" => {
+                self.drain_interval = parse_duration(value).map_err(|e| invalid(&e))?
+            }
             "log_format" => {
                 self.log_format = match value {
                     "text" => LogFormat::Text,
@@ -321,6 +384,22 @@ impl Config {
             }
             "event_rate" => self.event_rate = value.parse().map_err(|e| invalid(&e))?,
             "user_event_rate" => self.user_event_rate = value.parse().map_err(|e| invalid(&e))?,
+            "ip_connect_rate" => self.ip_connect_rate = value.parse().map_err(|e| invalid(&e))?,
+            "max_connections" => self.max_connections = value.parse().map_err(|e| invalid(&e))?,
+            "max_user_connections" => {
+                self.max_user_connections = value.parse().map_err(|e| invalid(&e))?
+            }
+            "max_rooms" => self.max_rooms = value.parse().map_err(|e| invalid(&e))?,
+            "send_timeout" => self.send_timeout = parse_duration(value).map_err(|e| invalid(&e))?,
+            "trusted_proxies" => {
+                self.trusted_proxies = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e: String| invalid(&e))?;
+            }
             "persist_queue" => self.persist_queue = value.parse().map_err(|e| invalid(&e))?,
             "worker_id" => self.worker_id = Some(value.to_owned()),
             "batch_size" => self.batch_size = value.parse().map_err(|e| invalid(&e))?,
@@ -328,6 +407,9 @@ impl Config {
                 self.batch_timeout = parse_duration(value).map_err(|e| invalid(&e))?
             }
             "claim_idle" => self.claim_idle = parse_duration(value).map_err(|e| invalid(&e))?,
+            "redis_probe_interval" => {
+                self.redis_probe_interval = parse_duration(value).map_err(|e| invalid(&e))?
+            }
             "cors_origins" => {
                 self.cors_origins = value
                     .split(',')
@@ -393,6 +475,9 @@ impl Config {
         if self.instance_id.trim().is_empty() {
             return rule("INSTANCE_ID", "must not be empty");
         }
+        if self.drain_batch == 0 {
+            return rule("HERALD_DRAIN_BATCH", "must be at least 1");
+        }
         if self.history_size > 1_000_000 {
             return rule("HERALD_HISTORY_SIZE", "must be at most 1000000");
         }
@@ -414,6 +499,12 @@ impl Config {
         if self.outbound_queue == 0 {
             return rule("HERALD_OUTBOUND_QUEUE", "must be at least 1");
         }
+        if self.max_connections > 10_000_000 {
+            return rule(
+                "HERALD_MAX_CONNECTIONS",
+                "must be at most 10000000 (0 is unlimited)",
+            );
+        }
         if self
             .jwt_secret
             .as_ref()
@@ -423,6 +514,14 @@ impl Config {
         }
         if self.api_key.as_ref().is_some_and(|s| s.expose().len() < 8) {
             return rule("HERALD_API_KEY", "must be at least 8 bytes");
+        }
+        if self.redis_probe_interval < Duration::from_millis(100)
+            || self.redis_probe_interval > Duration::from_secs(60)
+        {
+            return rule(
+                "HERALD_REDIS_PROBE_INTERVAL",
+                "must be between 100ms and 60s",
+            );
         }
         Ok(())
     }
@@ -537,6 +636,16 @@ mod tests {
     }
 
     #[test]
+    fn unknown_herald_names_are_reported_and_others_ignored() {
+        let names = unknown_env_names(&env(&[
+            ("HERALD_DRAIN_BATCH", "10"),
+            ("HERALD_SHUTDOWN_TIMOUT", "5s"),
+            ("PATH", "/usr/bin"),
+        ]));
+        assert_eq!(names, vec!["HERALD_SHUTDOWN_TIMOUT".to_owned()]);
+    }
+
+    #[test]
     fn file_overrides_env_and_flags_override_file() {
         let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -573,6 +682,64 @@ mod tests {
             !err.to_string().contains("short\""),
             "secrets are not echoed: {err}"
         );
+    }
+
+    #[test]
+    fn the_redis_probe_interval_is_read_and_bounded() {
+        let vars = env(&[("HERALD_REDIS_PROBE_INTERVAL", "500ms")]);
+        let config = Config::load(&vars, None, &[]).expect("valid");
+        assert_eq!(config.redis_probe_interval, Duration::from_millis(500));
+        assert!(
+            config
+                .to_redacted_toml()
+                .contains("redis_probe_interval = \"500ms\""),
+            "check-config shows it"
+        );
+        let err = Config::load(&env(&[("HERALD_REDIS_PROBE_INTERVAL", "1ms")]), None, &[])
+            .expect_err("too short");
+        assert!(
+            err.to_string().starts_with("HERALD_REDIS_PROBE_INTERVAL:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_are_read_and_checked() {
+        let config = Config::load(
+            &env(&[
+                ("HERALD_IP_CONNECT_RATE", "0"),
+                ("HERALD_MAX_CONNECTIONS", "500"),
+                ("HERALD_MAX_USER_CONNECTIONS", "5"),
+                ("HERALD_MAX_ROOMS", "3"),
+                ("HERALD_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
+                ("HERALD_SEND_TIMEOUT", "30s"),
+            ]),
+            None,
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(config.ip_connect_rate, 0);
+        assert_eq!(config.max_connections, 500);
+        assert_eq!(config.max_user_connections, 5);
+        assert_eq!(config.max_rooms, 3);
+        assert_eq!(config.trusted_proxies.len(), 2);
+        assert_eq!(config.send_timeout, Duration::from_secs(30));
+        let text = config.to_redacted_toml();
+        assert!(
+            text.contains("\"127.0.0.1/32\"") && text.contains("\"10.0.0.0/8\""),
+            "{text}"
+        );
+
+        let err = Config::load(&env(&[("HERALD_TRUSTED_PROXIES", "nginx")]), None, &[])
+            .expect_err("not an address");
+        assert!(
+            err.to_string()
+                .starts_with("HERALD_TRUSTED_PROXIES: invalid value"),
+            "{err}"
+        );
+        let err =
+            Config::load(&env(&[("HERALD_MAX_ROOMS", "-1")]), None, &[]).expect_err("negative");
+        assert!(err.to_string().starts_with("HERALD_MAX_ROOMS:"), "{err}");
     }
 
     #[test]

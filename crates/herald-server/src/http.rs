@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -32,6 +33,9 @@ const RESERVED_EVENTS: &[&str] = &[
 
 /// Builds the HTTP app (without the Socket.IO layer, which `run` adds).
 pub fn app(state: Arc<AppState>) -> Router {
+    // The API reads whole bodies up to the payload limit plus room for the envelope; beyond
+    // that it stops reading and answers 413 `payload_too_large`.
+    let body_limit = DefaultBodyLimit::max(api_body_limit(&state));
     Router::new()
         .route("/", get(index))
         .route("/assets/{file}", get(asset))
@@ -41,7 +45,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/ws", get(crate::transport::ws::upgrade))
-        .route("/api/publish", post(publish))
+        .route("/api/publish", post(publish).layer(body_limit))
         .route("/api/rooms/{room}/presence", get(room_presence))
         .route("/api/rooms/{room}/history", get(room_history))
         .route("/api/stats", get(stats))
@@ -74,6 +78,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("body is {0} bytes; the limit is {1}")]
     TooLarge(usize, usize),
+    #[error("body is larger than the limit of {0} bytes")]
+    BodyTooLarge(usize),
     #[error("the server is shutting down")]
     Draining,
     #[error(transparent)]
@@ -86,17 +92,23 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Disabled => (StatusCode::FORBIDDEN, "disabled"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::TooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::TooLarge(..) | ApiError::BodyTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Client(e) => {
                 let status = match e.code {
                     ErrorCode::BadRequest | ErrorCode::InvalidRoom | ErrorCode::UnknownEvent => {
                         StatusCode::BAD_REQUEST
                     }
-                    ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden | ErrorCode::NotMember | ErrorCode::TooManyRooms => {
+                        StatusCode::FORBIDDEN
+                    }
                     ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                     ErrorCode::Overloaded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                    ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable | ErrorCode::StoreUnavailable => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                 };
                 (status, e.code.as_str())
             }
@@ -144,10 +156,12 @@ impl FromRequestParts<Arc<AppState>> for ApiAccess {
             }
             Some(_) => Err(ApiError::Unauthorized),
             None => {
+                // Behind a trusted proxy on loopback, the client is the forwarded address.
                 let peer = parts
                     .extensions
                     .get::<ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0.ip());
+                    .map(|c| c.0);
+                let peer = state.limits.client_ip(peer, &parts.headers);
                 if state.config.auth == AuthMode::Off && peer.is_some_and(|ip| ip.is_loopback()) {
                     Ok(ApiAccess)
                 } else {
@@ -257,14 +271,22 @@ struct PublishRequest {
     namespace: Option<String>,
 }
 
+fn api_body_limit(state: &AppState) -> usize {
+    state.config.max_payload + 16 * 1024
+}
+
 /// `POST /api/publish`: `{room, data}` publishes a message; `{room|user, event, data}` emits an
 /// event that is not recorded.
 async fn publish(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = state.config.max_payload + 16 * 1024;
+    let limit = api_body_limit(&state);
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge(limit),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
     if body.len() > limit {
         return Err(ApiError::TooLarge(body.len(), limit));
     }
@@ -294,7 +316,7 @@ async fn publish(
         }
         let message = state.hub.publish(key, UserId::new(from), data).await?;
         return Ok(Json(
-            json!({ "ok": true, "id": message.id, "offset": message.offset }),
+            json!({ "ok": true, "id": message.id, "offset": message.offset, "epoch": &*message.epoch }),
         ));
     };
     if event.is_empty() || event.len() > 64 || RESERVED_EVENTS.contains(&event.as_str()) {
@@ -325,6 +347,8 @@ struct RoomQuery {
     since: Option<u64>,
     before: Option<u64>,
     limit: Option<usize>,
+    /// History of an earlier epoch than the room's, from the store.
+    epoch: Option<String>,
 }
 
 async fn room_presence(
@@ -359,8 +383,9 @@ async fn room_history(
         .min(MAX_HISTORY_LIMIT);
     let page = state
         .hub
-        .history(
+        .history_in(
             &key,
+            query.epoch.as_deref(),
             HistoryQuery {
                 since: query.since,
                 before: query.before,

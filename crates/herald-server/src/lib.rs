@@ -11,10 +11,12 @@
 //! - [`config`]: settings from the environment, a TOML file and flags.
 //! - [`auth`]: JWT verification at the handshake, and development tokens.
 //! - [`transport`]: the Socket.IO and `/ws` front doors.
+//! - [`limits`]: admission at connect (rates and caps), and client addresses behind proxies.
 //! - [`session`]: one client's commands, whatever its transport.
 //! - [`protocol`]: the commands, error codes and ack shapes clients see.
 //! - [`hub`]: the local room index and ordered fan-out.
 //! - [`http`]: health, readiness, metrics and the HTTP API.
+//! - [`drain`]: closing client transports in batches at shutdown.
 //! - [`metrics`] and [`telemetry`]: what herald reports about itself.
 //!
 //! [`run`] serves on a bound listener until a shutdown future resolves; `main` and the tests
@@ -22,8 +24,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod drain;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod session;
@@ -41,7 +45,7 @@ use herald_core::memory::{MemoryBroker, MemoryPresence};
 use herald_core::{Broker, Namespace, Presence};
 use herald_core::{PersistQueue, RoomPatterns, Store};
 use herald_redis::{RedisBroker, RedisPresence, RedisQueue, RedisSettings};
-use herald_store::{MemoryQueue, Worker, WorkerSettings};
+use herald_store::{FleetQueue, MemoryQueue, Worker, WorkerSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -59,12 +63,16 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub verifier: Verifier,
     pub metrics: PrometheusHandle,
-    /// Cancelled when shutdown begins: `/ready` fails and connections close.
+    /// Cancelled when shutdown begins: `/ready` fails and new connections are refused.
     pub draining: CancellationToken,
+    /// The open connections and `/ws` sessions, closed in batches at shutdown.
+    pub drain: Arc<drain::Drain>,
     pub started: Instant,
     connections: AtomicI64,
     /// The limits sessions follow.
     pub policy: Arc<session::Policy>,
+    /// The limits connections are admitted under.
+    pub limits: limits::Limits,
     /// Whether Redis is connected, when a fleet is configured.
     pub broker_connected: Option<watch::Receiver<bool>>,
     /// Open connections, awaited (up to the timeout) at shutdown.
@@ -123,6 +131,10 @@ struct Engines {
     connected: Option<watch::Receiver<bool>>,
     redis_presence: Option<Arc<RedisPresence>>,
     durable: Option<hub::Durable>,
+    /// What this instance's worker reads: the persist queue, or in a fleet whose workers run
+    /// apart (`HERALD_WORKER=off`), only the local queue of messages accepted while Redis was
+    /// away, which no other worker can see.
+    worker_queue: Option<Arc<dyn PersistQueue>>,
 }
 
 impl Engines {
@@ -150,6 +162,7 @@ impl Engines {
         let Some(settings) = redis else {
             let queue: Arc<dyn PersistQueue> = Arc::new(MemoryQueue::new(config.persist_queue));
             return Ok(Self {
+                worker_queue: (store.is_some() && config.worker).then(|| queue.clone()),
                 broker: Arc::new(MemoryBroker::new(
                     config.history_size,
                     Arc::new(router.clone()),
@@ -164,7 +177,7 @@ impl Engines {
                 }),
             });
         };
-        let queue: Arc<dyn PersistQueue> = Arc::new(RedisQueue::new(
+        let shared: Arc<dyn PersistQueue> = Arc::new(RedisQueue::new(
             settings.clone(),
             &worker_id(config),
             config.claim_idle,
@@ -173,8 +186,23 @@ impl Engines {
             RedisBroker::start(settings.clone(), Arc::new(router.clone()))
                 .context("configuring redis")?,
         );
+        // Messages accepted while Redis is away are not in the persist stream: they wait in
+        // a local queue, under the broker's fallback epoch, until this instance stores them.
+        let fleet_queue = Arc::new(FleetQueue::new(
+            shared,
+            Arc::new(MemoryQueue::new(config.persist_queue)),
+            broker.fallback_epoch(),
+            broker.connected(),
+        ));
+        let worker_queue: Option<Arc<dyn PersistQueue>> = match (&store, config.worker) {
+            (None, _) => None,
+            (Some(_), true) => Some(fleet_queue.clone()),
+            (Some(_), false) => Some(fleet_queue.local()),
+        };
+        let queue: Arc<dyn PersistQueue> = fleet_queue;
         let presence = Arc::new(RedisPresence::start(settings, broker.clone()));
         Ok(Self {
+            worker_queue,
             connected: Some(broker.connected()),
             broker,
             presence: presence.clone(),
@@ -201,6 +229,7 @@ fn redis_settings(config: &Config, url: &str) -> RedisSettings {
         history_ttl: config.history_ttl,
         presence_ttl: config.presence_ttl,
         uid: random_id(16),
+        probe_interval: config.redis_probe_interval,
     }
 }
 
@@ -292,10 +321,10 @@ pub async fn run(
     let sio_cell = Arc::new(OnceLock::new());
     let (router, shards) = hub::router(std::thread::available_parallelism().map_or(2, |n| n.get()));
     let engines = Engines::start(&config, &router).await?;
-    let worker = match (&engines.durable, config.worker) {
-        (Some(durable), true) => {
+    let worker = match (&engines.durable, &engines.worker_queue) {
+        (Some(durable), Some(queue)) => {
             let worker = Worker::new(
-                durable.queue.clone(),
+                queue.clone(),
                 durable.store.clone(),
                 worker_settings(&config),
             );
@@ -321,18 +350,22 @@ pub async fn run(
     );
 
     let policy = Arc::new(session::Policy::new(&config));
+    let limits = limits::Limits::new(&config);
     let state = Arc::new(AppState {
         config,
         hub,
         verifier,
         metrics,
         draining: CancellationToken::new(),
+        drain: drain::Drain::new(),
         started: Instant::now(),
         connections: AtomicI64::new(0),
         sessions: TaskTracker::new(),
         broker_connected: engines.connected.clone(),
+        limits,
         policy,
     });
+    tokio::spawn(limits::prune(Arc::downgrade(&state)));
     let (sio_layer, io) = SocketIo::builder()
         .max_payload((state.config.max_payload + 16 * 1024) as u64)
         .max_buffer_size(state.config.outbound_queue)
@@ -348,12 +381,13 @@ pub async fn run(
         .context("reading the listener's address")?;
     tracing::info!(%addr, "herald listening");
     let draining = state.draining.clone();
-    // Small frames (an ack, then the echoed message) must not wait on Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
+    // Accepted sockets inherit the listener's TCP_USER_TIMEOUT.
+    limits::set_send_timeout(&listener, state.config.send_timeout);
+    // `tap_io` only to reuse axum's `ConnectInfo<SocketAddr>` for a wrapped listener.
+    let listener = axum::serve::ListenerExt::tap_io(
+        drain::DrainListener::new(listener, state.drain.clone()),
+        |_| {},
+    );
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -369,6 +403,18 @@ pub async fn run(
         "shutting down: draining connections"
     );
     state.draining.cancel();
+    // Clients reconnect elsewhere a batch at a time and recover by offset there. Whatever is
+    // left after the batches (long-polling sessions, which hold no connection) closes at once.
+    let drained = tokio::time::timeout(
+        timeout,
+        state
+            .drain
+            .close_in_batches(state.config.drain_batch, state.config.drain_interval),
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown timeout reached while closing connections in batches");
+    }
     io.close().await;
     state.sessions.close();
     if tokio::time::timeout(timeout, state.sessions.wait())

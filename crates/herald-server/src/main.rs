@@ -77,8 +77,19 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
-    /// Print the effective configuration, secrets redacted, and exit.
-    CheckConfig,
+    /// Print the effective configuration, secrets redacted, and exit. Unknown `HERALD_*`
+    /// environment names are reported on stderr; `--strict` makes them an error.
+    CheckConfig {
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Probe a local instance: exit 0 when GET http://127.0.0.1:$PORT<path> answers 200.
+    /// For container health checks, where no curl is installed.
+    Health {
+        /// `/health` (liveness) or `/ready` (readiness).
+        #[arg(long, default_value = "/health")]
+        path: String,
+    },
     /// Apply the store's migrations (SQLite, or PostgreSQL with DATABASE_URL) and exit.
     Migrate,
     /// Run a persist worker alone, on the fleet's Redis persist stream.
@@ -102,10 +113,8 @@ fn main() -> ExitCode {
         Command::Token { sub, rooms, ttl } => token(&config, &sub, rooms, &ttl),
         Command::Migrate => migrate(config),
         Command::Worker => worker(config),
-        Command::CheckConfig => {
-            print!("{}", config.to_redacted_toml());
-            Ok(())
-        }
+        Command::CheckConfig { strict } => check_config(&config, &env, strict),
+        Command::Health { path } => health(&config, &path),
         Command::Bench(args) => herald_bench::run(*args),
     };
     match result {
@@ -117,8 +126,53 @@ fn main() -> ExitCode {
     }
 }
 
+fn check_config(
+    config: &Config,
+    env: &HashMap<String, String>,
+    strict: bool,
+) -> anyhow::Result<()> {
+    print!("{}", config.to_redacted_toml());
+    let unknown = herald_server::config::unknown_env_names(env);
+    for name in &unknown {
+        eprintln!("herald: warning: {name} is not a herald setting (a typo?)");
+    }
+    if strict && !unknown.is_empty() {
+        anyhow::bail!(
+            "unknown settings in the environment: {}",
+            unknown.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn health(config: &Config, path: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], config.port));
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .context("setting a read timeout")?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .with_context(|| format!("sending GET {path}"))?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)
+        .with_context(|| format!("reading the answer to GET {path}"))?;
+    let status = response.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {status}"
+    );
+    Ok(())
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     herald_server::telemetry::init(config.log_format, &config.instance_id);
+    let env: HashMap<String, String> = std::env::vars().collect();
+    for name in herald_server::config::unknown_env_names(&env) {
+        tracing::warn!(name, "not a herald setting (a typo?); ignored");
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let addr = SocketAddr::new(config.host, config.port);

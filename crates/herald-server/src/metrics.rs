@@ -13,6 +13,7 @@ pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
 pub const AUTH_FAILURES: &str = "herald_auth_failures_total";
 pub const RATE_LIMITED: &str = "herald_rate_limited_total";
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "herald_slow_consumer_disconnects_total";
+pub const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
 
 /// Installs the global recorder once per process and returns the handle `/metrics` renders.
 /// Several servers in one process (as in tests) share it.
@@ -29,6 +30,7 @@ pub fn install() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new())
                 .build_recorder();
             let handle = recorder.handle();
+            spawn_upkeep(handle.clone());
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
@@ -39,14 +41,37 @@ pub fn install() -> PrometheusHandle {
                 MESSAGES_DELIVERED,
                 EVENTS_REJECTED,
                 AUTH_FAILURES,
-                SLOW_CONSUMER_DISCONNECTS,
             ] {
                 metrics::counter!(name).absolute(0);
+            }
+            for transport in ["ws", "socketio"] {
+                metrics::counter!(SLOW_CONSUMER_DISCONNECTS, "transport" => transport).absolute(0);
             }
             metrics::gauge!(ROOMS).set(0.0);
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets and summaries.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until it is folded in, which otherwise happens
+/// only when `/metrics` is scraped: without a scraper an instance's memory grew by every
+/// delivery's latency sample. A thread of its own folds them in every [`UPKEEP_INTERVAL`],
+/// whichever runtime (or none) the process has.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread; histograms grow until scraped");
+    }
 }
 
 fn describe() {
@@ -73,6 +98,14 @@ fn describe() {
     );
     describe_counter!(
         SLOW_CONSUMER_DISCONNECTS,
-        "Connections closed because they fell behind"
+        "Connections closed because they fell behind, by transport"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Events and connections refused for their rate, by scope (connection, user, ip)"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused at the door, by reason and transport"
     );
 }

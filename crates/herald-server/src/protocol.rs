@@ -21,7 +21,11 @@ pub enum ErrorCode {
     UnknownEvent,
     Overloaded,
     RateLimited,
+    TooManyRooms,
     Unavailable,
+    /// A message to a persisted room was refused because the store keeps failing and the
+    /// persist queue is only in memory: acknowledging it would promise what may not happen.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
@@ -35,7 +39,9 @@ impl ErrorCode {
             ErrorCode::UnknownEvent => "unknown_event",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::StoreUnavailable => "store_unavailable",
         }
     }
 }
@@ -65,11 +71,30 @@ impl ClientError {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Command {
-    Join { room: RoomName, since: Option<u64> },
-    Leave { room: RoomName },
-    Message { room: RoomName, data: Box<RawValue> },
-    Presence { room: RoomName },
-    History { room: RoomName, query: HistoryQuery },
+    /// With `since`, the messages after it are re-sent first; `epoch` names the epoch `since`
+    /// counts in, and when the room is in another one now, nothing is re-sent
+    /// (`recovered: false`).
+    Join {
+        room: RoomName,
+        since: Option<u64>,
+        epoch: Option<String>,
+    },
+    Leave {
+        room: RoomName,
+    },
+    Message {
+        room: RoomName,
+        data: Box<RawValue>,
+    },
+    Presence {
+        room: RoomName,
+    },
+    /// `epoch`, when it names an earlier epoch than the room's, reads that epoch's stored rows.
+    History {
+        room: RoomName,
+        query: HistoryQuery,
+        epoch: Option<String>,
+    },
 }
 
 impl Command {
@@ -81,7 +106,8 @@ impl Command {
                 let mut fields = room_or_object(payload)?;
                 let room = room_field(&mut fields)?;
                 let since = offset_field(&fields, "since")?;
-                Ok(Command::Join { room, since })
+                let epoch = epoch_field(&fields)?;
+                Ok(Command::Join { room, since, epoch })
             }
             "leave" => Ok(Command::Leave {
                 room: room_field(&mut room_or_object(payload)?)?,
@@ -119,7 +145,8 @@ impl Command {
                     before: offset_field(&fields, "before")?,
                     limit,
                 };
-                Ok(Command::History { room, query })
+                let epoch = epoch_field(&fields)?;
+                Ok(Command::History { room, query, epoch })
             }
             other => Err(ClientError::new(
                 ErrorCode::UnknownEvent,
@@ -128,6 +155,37 @@ impl Command {
                 ),
             )),
         }
+    }
+}
+
+/// One `/ws` text frame from a client: a JSON object with a string `type`, an optional `id`
+/// the ack echoes, and the command's fields.
+#[derive(Debug)]
+pub struct WsFrame {
+    pub id: Value,
+    pub kind: String,
+    /// The frame without `type` and `id`: the payload [`Command::parse`] reads.
+    pub fields: Value,
+}
+
+impl WsFrame {
+    /// Splits a frame; a refused one comes back with the id it carried (null when none could
+    /// be read).
+    pub fn parse(text: &str) -> Result<Self, (Value, ClientError)> {
+        let mut frame = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(frame)) => frame,
+            Ok(_) => return Err((Value::Null, bad_request("a frame must be a JSON object"))),
+            Err(e) => return Err((Value::Null, bad_request(format!("malformed JSON: {e}")))),
+        };
+        let id = frame.remove("id").unwrap_or(Value::Null);
+        let Some(Value::String(kind)) = frame.remove("type") else {
+            return Err((id, bad_request("a frame needs a string type")));
+        };
+        Ok(WsFrame {
+            id,
+            kind,
+            fields: Value::Object(frame),
+        })
     }
 }
 
@@ -162,6 +220,15 @@ fn offset_field(fields: &Map<String, Value>, name: &str) -> Result<Option<u64>, 
     }
 }
 
+/// The optional `epoch` field: the text a `join` or `history` ack gave.
+fn epoch_field(fields: &Map<String, Value>) -> Result<Option<String>, ClientError> {
+    match fields.get("epoch") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(epoch)) if epoch.len() <= 64 => Ok(Some(epoch.clone())),
+        Some(_) => Err(bad_request("epoch must be a string of at most 64 bytes")),
+    }
+}
+
 /// Builds an ok ack: `{ok:true, …fields}`.
 pub fn ok_ack(fields: Value) -> Value {
     let mut ack = Map::from_iter([("ok".to_owned(), Value::Bool(true))]);
@@ -177,6 +244,21 @@ mod tests {
 
     fn code(result: Result<Command, ClientError>) -> &'static str {
         result.expect_err("refused").code.as_str()
+    }
+
+    #[test]
+    fn join_and_history_may_name_an_epoch() {
+        let parsed = Command::parse("join", json!({"room": "r", "since": 3, "epoch": "e1"}), 10);
+        assert!(
+            matches!(parsed, Ok(Command::Join { since: Some(3), epoch: Some(ref e), .. }) if e == "e1")
+        );
+        let parsed = Command::parse("history", json!({"room": "r", "epoch": "e1"}), 10);
+        assert!(matches!(parsed, Ok(Command::History { epoch: Some(ref e), .. }) if e == "e1"));
+        let parsed = Command::parse("join", json!({"room": "r", "epoch": 7}), 10);
+        assert_eq!(code(parsed), "bad_request");
+        let long = "e".repeat(65);
+        let parsed = Command::parse("history", json!({"room": "r", "epoch": long}), 10);
+        assert_eq!(code(parsed), "bad_request");
     }
 
     #[test]
@@ -226,6 +308,19 @@ mod tests {
         assert!(
             matches!(parsed, Ok(Command::History { query, .. }) if query.limit == DEFAULT_HISTORY_LIMIT)
         );
+    }
+
+    #[test]
+    fn ws_frames_split_into_id_type_and_fields() {
+        let frame = WsFrame::parse(r#"{"type":"join","room":"lobby","id":7}"#).expect("frame");
+        assert_eq!((frame.id, frame.kind.as_str()), (json!(7), "join"));
+        assert_eq!(frame.fields, json!({"room": "lobby"}));
+        let refused = |text: &str| WsFrame::parse(text).expect_err("refused");
+        let (id, e) = refused(r#"{"type":5,"id":"x"}"#);
+        assert_eq!((id, e.code), (json!("x"), ErrorCode::BadRequest));
+        for text in ["", "[1]", "\"join\"", "{\"type\":", "{\"id\":1}"] {
+            assert_eq!(refused(text).1.code, ErrorCode::BadRequest, "{text:?}");
+        }
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Session {
 /// The limits every session of this instance follows.
 pub struct Policy {
     pub max_payload: usize,
+    /// Rooms a connection may join beyond its personal room; 0 is unlimited.
+    max_rooms: usize,
     event_rate: u32,
     per_connection: Option<Quota>,
     per_user: Option<DefaultKeyedRateLimiter<UserId>>,
@@ -52,10 +54,19 @@ impl Policy {
         };
         Self {
             max_payload: config.max_payload,
+            max_rooms: config.max_rooms,
             event_rate: config.event_rate,
             per_connection: quota(config.event_rate),
             per_user: quota(config.user_event_rate).map(RateLimiter::keyed),
             user_event_rate: config.user_event_rate,
+        }
+    }
+
+    /// Drops the per-user limiter's idle users, which it would otherwise keep forever.
+    pub fn retain_recent(&self) {
+        if let Some(users) = &self.per_user {
+            users.retain_recent();
+            users.shrink_to_fit();
         }
     }
 }
@@ -120,7 +131,7 @@ impl Session {
     /// Applies a request from another server. Returns false when the session must end.
     pub async fn apply(&mut self, control: Control) -> bool {
         let result = match control {
-            Control::Join(room) => self.join_room(room, None).await.map(drop),
+            Control::Join(room) => self.join_room(room, None, None).await.map(drop),
             Control::Leave(room) => {
                 self.leave_room(&room).await;
                 Ok(())
@@ -182,9 +193,10 @@ impl Session {
 
     async fn run(&mut self, command: Command) -> Result<Value, ClientError> {
         match command {
-            Command::Join { room, since } => {
+            Command::Join { room, since, epoch } => {
                 self.check_may_join(&room)?;
-                let joined = self.join_room(room.clone(), since).await?;
+                self.check_room_count(&room)?;
+                let joined = self.join_room(room.clone(), since, epoch).await?;
                 Ok(ok_ack(json!({
                     "room": room,
                     "offset": joined.offset,
@@ -209,7 +221,7 @@ impl Session {
                     .publish(key, self.identity.user.clone(), data)
                     .await?;
                 Ok(ok_ack(
-                    json!({ "id": message.id, "offset": message.offset }),
+                    json!({ "id": message.id, "offset": message.offset, "epoch": &*message.epoch }),
                 ))
             }
             Command::Presence { room } => {
@@ -217,9 +229,12 @@ impl Session {
                 let users = self.hub.presence(&self.key(&room)).await?;
                 Ok(ok_ack(json!({ "room": room, "users": users })))
             }
-            Command::History { room, query } => {
+            Command::History { room, query, epoch } => {
                 self.check_may_join(&room)?;
-                let page = self.hub.history(&self.key(&room), query).await?;
+                let page = self
+                    .hub
+                    .history_in(&self.key(&room), epoch.as_deref(), query)
+                    .await?;
                 Ok(ok_ack(json!({
                     "room": room,
                     "messages": page.messages,
@@ -234,11 +249,18 @@ impl Session {
         &mut self,
         room: RoomName,
         since: Option<u64>,
+        epoch: Option<String>,
     ) -> Result<Joined, ClientError> {
         let key = self.key(&room);
         let joined = self
             .hub
-            .join(&self.conn, key, since, tracks_presence(&room))
+            .join_at(
+                &self.conn,
+                key,
+                since,
+                epoch.as_deref(),
+                tracks_presence(&room),
+            )
             .await?;
         self.rooms.insert(room);
         Ok(joined)
@@ -250,6 +272,19 @@ impl Session {
                 .leave(&self.conn, &self.key(room), tracks_presence(room))
                 .await;
         }
+    }
+
+    /// A connection's own personal room does not count against `HERALD_MAX_ROOMS`.
+    fn check_room_count(&self, room: &RoomName) -> Result<(), ClientError> {
+        let max = self.policy.max_rooms;
+        let joined = self.rooms.len().saturating_sub(1);
+        if max == 0 || self.rooms.contains(room) || joined < max {
+            return Ok(());
+        }
+        Err(ClientError::new(
+            ErrorCode::TooManyRooms,
+            format!("a connection may join at most {max} rooms; leave one first"),
+        ))
     }
 
     fn check_may_join(&self, room: &RoomName) -> Result<(), ClientError> {
@@ -285,4 +320,25 @@ impl Session {
 /// Presence is tracked in the rooms users choose, not in personal rooms.
 fn tracks_presence(room: &RoomName) -> bool {
     room.owner().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_users_are_pruned_from_the_user_limiter() {
+        let policy = Policy::new(&Config {
+            user_event_rate: 1000,
+            ..Config::default()
+        });
+        let users = policy.per_user.as_ref().expect("limited");
+        for i in 0..20 {
+            assert!(users.check_key(&UserId::new(format!("u{i}"))).is_ok());
+        }
+        assert_eq!(users.len(), 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        policy.retain_recent();
+        assert_eq!(users.len(), 0, "idle users are forgotten");
+    }
 }

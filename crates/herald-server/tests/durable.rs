@@ -1,6 +1,7 @@
 //! The durable path end to end: messages reach SQLite (embedded) or PostgreSQL (a fleet on
-//! Redis) exactly once, through a killed worker and a database outage, and old history is
-//! served from the store.
+//! Redis) exactly once, through a killed worker, a 30 s database outage and a Redis outage
+//! under traffic; a read-only or locked SQLite store fails acks instead of lying; and old
+//! history is served from the store.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{API_KEY, Instance, TestServer, WsClient, prefix, token};
+use common::{API_KEY, FLEET_API_KEY, Instance, TestServer, WsClient, fleet_on, prefix, token};
 use herald_core::{HistoryQuery, Namespace, RoomKey, RoomName, Store, testsuite};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -39,9 +40,10 @@ async fn embedded_messages_reach_sqlite_once_and_old_history_comes_from_it() {
     })
     .await;
     let (mut writer, _) = WsClient::connect(&server, "writer").await;
-    writer
+    let joined = writer
         .request(json!({"type": "join", "room": "kept"}))
         .await;
+    let epoch = joined["epoch"].as_str().expect("an epoch").to_owned();
     for i in 1..=150 {
         let ack = writer
             .request(json!({"type": "message", "room": "kept", "data": {"i": i}}))
@@ -59,10 +61,20 @@ async fn embedded_messages_reach_sqlite_once_and_old_history_comes_from_it() {
         limit: 1000,
     };
     eventually("150 rows", || async {
-        store.history(&key, all).await.map(|m| m.len()).unwrap_or(0) == 150
+        store
+            .history(&key, &epoch, all)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0)
+            == 150
     })
     .await;
-    let rows = store.history(&key, all).await.expect("rows");
+    let rows = store.history(&key, &epoch, all).await.expect("rows");
+    assert!(
+        rows.iter()
+            .all(|m| m.instance.as_deref() == Some("rust-test")),
+        "each row names the instance that published it"
+    );
     let offsets: Vec<u64> = rows.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, (1..=150).collect::<Vec<_>>(), "every message once");
 
@@ -157,6 +169,20 @@ async fn rows(database: &str, room: &str) -> (i64, i64) {
         .unwrap_or((-1, -1))
 }
 
+/// The epoch a room's offsets count in now, as the HTTP API reports it.
+async fn room_epoch(instance: &Instance, room: &str) -> String {
+    let page: Value = reqwest::Client::new()
+        .get(instance.url(&format!("/api/rooms/{room}/history?limit=1")))
+        .bearer_auth(FLEET_API_KEY)
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    page["epoch"].as_str().expect("an epoch").to_owned()
+}
+
 async fn allow_connections(database: &str, allow: bool) {
     let (base, name) = database.rsplit_once('/').expect("database url");
     let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
@@ -177,23 +203,27 @@ async fn allow_connections(database: &str, allow: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_database_outage() {
+    const OUTAGE: Duration = Duration::from_secs(30);
     let database = herald_store::testing::postgres_url().await;
     let (redis, key) = (testsuite::redis_url(), prefix());
     let env = [
         ("DATABASE_URL", database.as_str()),
         ("HERALD_WORKER", "off"),
     ];
-    let fleet: Vec<Instance> = (0..2)
-        .map(|i| Instance::start(&redis, &key, &format!("d{i}"), &env))
-        .collect();
-    for instance in &fleet {
-        instance.wait_ready(true).await;
-    }
+    let fleet = fleet_on(&redis, &key, 2, &env).await;
     let doomed = WorkerProcess::start(&redis, &key, &database, "doomed");
 
     // The database goes away: the worker reads batches it cannot store, and holds them.
     allow_connections(&database, false).await;
+    let down = std::time::Instant::now();
     fleet[0].wait_ready(false).await; // the store is unreachable: not ready
+    let body = ready_body(&fleet[0]).await;
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("store unavailable")),
+        "/ready says why: {body}"
+    );
     let mut clients = Vec::new();
     for (i, instance) in fleet.iter().enumerate() {
         let mut client = WsClient::connect_url(&format!(
@@ -208,13 +238,17 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
             .await;
         clients.push(client);
     }
-    let total = 300;
-    for i in 0..total {
-        let client = &mut clients[i % 2];
+    // Traffic on both instances for as long as the database is away: the stream holds it,
+    // so every publish is acknowledged.
+    let mut total = 0;
+    while down.elapsed() < OUTAGE - Duration::from_secs(3) {
+        let client = &mut clients[total % 2];
         let ack = client
-            .request(json!({"type": "message", "room": "durable", "data": i}))
+            .request(json!({"type": "message", "room": "durable", "data": total}))
             .await;
         assert_eq!(ack["ok"], true, "{ack}");
+        total += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let stream = format!("herald:persist:{key}");
     eventually("the doomed worker to hold entries", || async {
@@ -229,10 +263,11 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
     .await;
     drop(doomed); // kill -9, mid-retry, with its entries pending
 
+    tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
     allow_connections(&database, true).await;
     fleet[0].wait_ready(true).await;
     let _rescuer = WorkerProcess::start(&redis, &key, &database, "rescuer");
-    eventually("300 rows", || async {
+    eventually(&format!("{total} rows"), || async {
         rows(&database, "durable").await.0 == total as i64
     })
     .await;
@@ -243,6 +278,7 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
         "exactly once"
     );
 
+    let epoch = room_epoch(&fleet[0], "durable").await;
     let store = herald_store::PostgresStore::connect(&database)
         .await
         .expect("store");
@@ -250,14 +286,351 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
     let stored = store
         .history(
             &key,
+            &epoch,
             HistoryQuery {
                 since: Some(0),
                 before: None,
-                limit: 1000,
+                limit: 100_000,
             },
         )
         .await
         .expect("rows");
     let offsets: Vec<u64> = stored.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, (1..=total as u64).collect::<Vec<_>>());
+}
+
+/// Every message id of a room in the store, with how many rows there are in all.
+async fn stored_ids(database: &str, room: &str) -> (usize, std::collections::BTreeSet<String>) {
+    let Ok(mut conn) = sqlx::PgConnection::connect(database).await else {
+        return (0, Default::default());
+    };
+    let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM messages WHERE room = $1")
+        .bind(room)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default();
+    (ids.len(), ids.into_iter().map(|(id,)| id).collect())
+}
+
+async fn ready_body(instance: &Instance) -> Value {
+    reqwest::get(instance.url("/ready"))
+        .await
+        .expect("ready")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Publishes `data` to `room` and returns the ack.
+async fn publish(client: &mut WsClient, room: &str, data: Value) -> Value {
+    client
+        .request(json!({"type": "message", "room": room, "data": data}))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_under_traffic_loses_no_acknowledged_message() {
+    let database = herald_store::testing::postgres_url().await;
+    let (redis, port) = testsuite::start_redis();
+    testsuite::wait_for_port(port);
+    let key = prefix();
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("BATCH_TIMEOUT", "200ms"),
+    ];
+    let fleet = fleet_on(&redis, &key, 2, &env).await;
+    let mut a = fleet[0].client("a").await;
+    let mut a_peer = fleet[0].client("a-peer").await;
+    let mut b = fleet[1].client("b").await;
+    for client in [&mut a, &mut a_peer, &mut b] {
+        client
+            .request(json!({"type": "join", "room": "outage"}))
+            .await;
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let client = if i % 2 == 0 { &mut a } else { &mut b };
+        let ack = publish(client, "outage", json!({"phase": "before", "i": i})).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+        acked.insert(ack["message_id"].as_str().expect("message id").to_owned());
+    }
+    // This Redis keeps nothing on disk: let the stream drain before it goes away.
+    eventually("20 rows", || async {
+        stored_ids(&database, "outage").await.0 == 20
+    })
+    .await;
+
+    let stop = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .status();
+    assert!(stop.is_ok(), "redis-cli must be on PATH");
+    for instance in &fleet {
+        instance.wait_ready(false).await;
+        let body = ready_body(instance).await;
+        assert!(
+            body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("redis unavailable")),
+            "/ready says why: {body}"
+        );
+    }
+    // Ten seconds of traffic on both instances while Redis is away.
+    let outage = std::time::Instant::now();
+    let mut from_a = 0;
+    let mut alone_epoch = String::new();
+    while outage.elapsed() < Duration::from_secs(10) {
+        for (client, count) in [(&mut a, Some(&mut from_a)), (&mut b, None)] {
+            let ack = publish(client, "outage", json!({"phase": "outage"})).await;
+            assert_eq!(ack["ok"], true, "accepted while Redis is away: {ack}");
+            acked.insert(ack["message_id"].as_str().expect("message id").to_owned());
+            if let Some(count) = count {
+                *count += 1;
+                alone_epoch = ack["epoch"].as_str().expect("epoch").to_owned();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Local delivery went on: a's neighbour on the same instance got all of it.
+    let mut seen = 0;
+    while seen < from_a {
+        let m = a_peer.next_pushed("message").await;
+        if m["from"] == "a" && m["data"]["phase"] == "outage" {
+            seen += 1;
+        }
+    }
+
+    testsuite::restart_redis(port, &[]);
+    for instance in &fleet {
+        instance.wait_ready(true).await;
+    }
+    // The fleet resubscribed by itself: b hears a again.
+    let ack = publish(&mut a, "outage", json!({"phase": "after"})).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    acked.insert(ack["message_id"].as_str().expect("message id").to_owned());
+    while b.next_pushed("message").await["data"]["phase"] != "after" {}
+
+    let total = acked.len();
+    eventually(&format!("{total} rows"), || async {
+        stored_ids(&database, "outage").await.0 >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // nothing more arrives later
+    let (rows, ids) = stored_ids(&database, "outage").await;
+    assert_eq!(rows, total, "one row per acknowledged message");
+    assert_eq!(ids, acked, "exactly the acknowledged messages");
+
+    let mut conn = sqlx::PgConnection::connect(&database)
+        .await
+        .expect("database");
+    let (epochs, unnamed): (i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT epoch), count(*) FILTER (WHERE instance IS NULL) FROM messages WHERE room = $1",
+    )
+    .bind("outage")
+    .fetch_one(&mut conn)
+    .await
+    .expect("query");
+    // Before, each instance alone, and after Redis restarted empty: offsets started over in
+    // each, and no row displaced another.
+    assert!(epochs >= 4, "{epochs} epochs");
+    assert_eq!(unnamed, 0, "every row names its instance");
+
+    // Offsets a client got while its instance was alone count in that epoch: recovery does
+    // not mistake them for the fleet's, and history reads them back from the store.
+    let mut late = fleet[0].client("late").await;
+    let joined = late
+        .request(json!({"type": "join", "room": "outage", "since": 1, "epoch": alone_epoch}))
+        .await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_ne!(joined["epoch"], json!(alone_epoch));
+    let page = late
+        .request(json!({"type": "history", "room": "outage", "since": 0, "limit": 1000, "epoch": alone_epoch}))
+        .await;
+    let messages = page["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), from_a, "{page}");
+    assert!(messages.iter().all(|m| m["from"] == "a"));
+    assert_eq!(page["epoch"], json!(alone_epoch));
+}
+
+/// A server on an existing SQLite file at `dir`, with the persist worker batching quickly.
+async fn embedded(dir: &std::path::Path, url: Option<String>) -> TestServer {
+    let data_dir = dir.to_path_buf();
+    TestServer::start_with(move |c| {
+        c.data_dir = data_dir;
+        c.database_url = url;
+        c.batch_size = 10;
+        c.batch_timeout = Duration::from_millis(100);
+        c.persist_rooms = vec!["kept*".to_owned()];
+    })
+    .await
+}
+
+async fn server_ready(server: &TestServer) -> (bool, Value) {
+    let response = reqwest::get(server.url("/ready")).await.expect("ready");
+    let ok = response.status() == 200;
+    (ok, response.json().await.expect("json"))
+}
+
+async fn sqlite_offsets(db: &std::path::Path, room: &str) -> Vec<i64> {
+    let url = format!("sqlite://{}", db.display());
+    let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
+        return Vec::new();
+    };
+    sqlx::query_as::<_, (i64,)>(r#"SELECT "offset" FROM messages WHERE room = ? ORDER BY "offset""#)
+        .bind(room)
+        .fetch_all(&mut conn)
+        .await
+        .map(|rows| rows.into_iter().map(|(o,)| o).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_sqlite_store_refuses_messages_clearly_and_the_server_stays_up() {
+    let dir = std::env::temp_dir().join(format!("herald-ro-{}", herald_server::random_id(8)));
+    let db = dir.join("herald.db");
+    let first = embedded(&dir, None).await;
+    let (mut writer, _) = WsClient::connect(&first, "writer").await;
+    writer
+        .request(json!({"type": "join", "room": "kept"}))
+        .await;
+    let ack = publish(&mut writer, "kept", json!("stored")).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    eventually("the first row", || async {
+        sqlite_offsets(&db, "kept").await.len() == 1
+    })
+    .await;
+    drop(writer);
+    first.shutdown().await.expect("join").expect("clean stop");
+
+    // The same file, read-only now.
+    let server = embedded(&dir, Some(format!("sqlite://{}?mode=ro", db.display()))).await;
+    eventually("/ready to say writes are refused", || async {
+        let (ok, body) = server_ready(&server).await;
+        !ok && body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("refused") && r.contains("readonly"))
+    })
+    .await;
+    let (mut client, _) = WsClient::connect(&server, "client").await;
+    let joined = client
+        .request(json!({"type": "join", "room": "kept"}))
+        .await;
+    assert_eq!(joined["ok"], true, "{joined}");
+    for _ in 0..3 {
+        let ack = publish(&mut client, "kept", json!("lost?")).await;
+        assert_eq!(
+            ack["ok"], false,
+            "never acked when it cannot be stored: {ack}"
+        );
+        assert_eq!(ack["error"], "store_unavailable", "{ack}");
+        assert!(
+            ack["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("readonly")),
+            "the reason reaches the user: {ack}"
+        );
+    }
+    // The server stays up: rooms that do not persist, and history, still work.
+    client
+        .request(json!({"type": "join", "room": "chat"}))
+        .await;
+    let ack = publish(&mut client, "chat", json!("hello")).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let page = client
+        .request(json!({"type": "history", "room": "kept"}))
+        .await;
+    assert_eq!(page["ok"], true, "{page}");
+    let health = reqwest::get(server.url("/health")).await.expect("health");
+    assert_eq!(health.status(), 200);
+    assert!(!server.task.is_finished());
+    assert_eq!(
+        sqlite_offsets(&db, "kept").await,
+        vec![1],
+        "nothing was half-written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_that_stops_taking_writes_fails_acks_until_it_takes_them_again() {
+    let dir = std::env::temp_dir().join(format!("herald-lock-{}", herald_server::random_id(8)));
+    let db = dir.join("herald.db");
+    let server = embedded(&dir, None).await;
+    let (mut writer, _) = WsClient::connect(&server, "writer").await;
+    writer
+        .request(json!({"type": "join", "room": "kept"}))
+        .await;
+    let mut acked = 0;
+    for i in 0..5 {
+        let ack = publish(&mut writer, "kept", json!(i)).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+        acked += 1;
+    }
+    eventually("5 rows", || async {
+        sqlite_offsets(&db, "kept").await.len() == 5
+    })
+    .await;
+
+    // Another process takes the write lock and keeps it: the store takes no writes.
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let refused = loop {
+        let ack = publish(&mut writer, "kept", json!("while locked")).await;
+        if ack["ok"] == true {
+            acked += 1; // queued before the worker learnt that the store refuses writes
+            assert!(acked < 50, "never refused");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        break ack;
+    };
+    assert_eq!(refused["error"], "store_unavailable", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("locked")),
+        "{refused}"
+    );
+    let (ok, body) = server_ready(&server).await;
+    assert!(!ok, "not ready while the store refuses writes: {body}");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let pending: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_persist_pending "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the pending gauge");
+    assert!(pending >= 1.0, "the held batch shows as pending: {pending}");
+
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("unlock");
+    drop(holder);
+    // The worker retries the held batch with backoff; once it lands, publishes are taken.
+    let mut tries = 0;
+    while publish(&mut writer, "kept", json!("back")).await["ok"] != true {
+        tries += 1;
+        assert!(tries < 300, "publishes never accepted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    acked += 1;
+    let (ok, body) = server_ready(&server).await;
+    assert!(ok, "ready again: {body}");
+    eventually(&format!("{acked} rows"), || async {
+        sqlite_offsets(&db, "kept").await.len() == acked
+    })
+    .await;
+    // Refused messages never took an offset: the stored ones are 1..=acked, each once.
+    assert_eq!(
+        sqlite_offsets(&db, "kept").await,
+        (1..=acked as i64).collect::<Vec<_>>()
+    );
 }

@@ -1,15 +1,19 @@
 //! Several herald processes on one real Redis: ordering, exactly-once delivery, user-targeted
 //! publishes, recovery on another instance, presence across instances and after `kill -9`,
-//! per-room subscriptions, and a Redis restart.
+//! per-room subscriptions, a Redis restart, and pub/sub connections killed or silently dead.
 
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use common::{FLEET_API_KEY as API_KEY, Instance, fleet, prefix};
+use common::{FLEET_API_KEY as API_KEY, Instance, WsClient, fleet, fleet_on, prefix};
 use herald_core::testsuite;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_gets_every_message_once_in_one_order() {
@@ -227,12 +231,7 @@ async fn the_fleet_recovers_by_itself_when_redis_restarts() {
     let (url, port) = testsuite::start_redis();
     testsuite::wait_for_port(port);
     let key = prefix();
-    let fleet: Vec<Instance> = (0..2)
-        .map(|i| Instance::start(&url, &key, &format!("r{i}"), &[]))
-        .collect();
-    for instance in &fleet {
-        instance.wait_ready(true).await;
-    }
+    let fleet = fleet_on(&url, &key, 2, &[]).await;
     let mut a = fleet[0].client("a").await;
     let mut b = fleet[1].client("b").await;
     a.request(json!({"type": "join", "room": "restart"})).await;
@@ -302,4 +301,202 @@ async fn a_clean_shutdown_removes_presence_at_once() {
     assert_eq!(left["status"], "leave");
     assert_eq!(left["user"], "alice");
     drop(leaving);
+}
+
+/// Publishes from `from` until `to` receives one of those messages, and returns how long
+/// that took. Publishes that fail while the fleet reconnects are retried; the ids of those
+/// acknowledged are added to `acked`.
+async fn until_delivered(
+    from: &mut WsClient,
+    to: &mut WsClient,
+    room: &str,
+    acked: &mut Vec<String>,
+) -> Duration {
+    let started = Instant::now();
+    for n in 0.. {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "fleet delivery did not resume within 20s"
+        );
+        let ack = from
+            .request(json!({"type": "message", "room": room, "data": {"probe": n}}))
+            .await;
+        if ack["ok"] != true {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        acked.push(ack["message_id"].as_str().expect("message id").to_owned());
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(m) = tokio::time::timeout_at(deadline.into(), to.next_pushed("message")).await
+        {
+            if m["data"]["probe"] == n {
+                return started.elapsed();
+            }
+        }
+    }
+    unreachable!()
+}
+
+async fn pubsub_fleet(
+    url: &str,
+    extra: &[(&str, &str)],
+    acked: &mut Vec<String>,
+) -> (Vec<Instance>, WsClient, WsClient) {
+    let key = prefix();
+    let mut env = vec![("HERALD_REDIS_PROBE_INTERVAL", "300ms")];
+    env.extend_from_slice(extra);
+    let fleet = fleet_on(url, &key, 2, &env).await;
+    let mut a = fleet[0].client("a").await;
+    let mut b = fleet[1].client("b").await;
+    a.request(json!({"type": "join", "room": "live"})).await;
+    b.request(json!({"type": "join", "room": "live"})).await;
+    until_delivered(&mut a, &mut b, "live", acked).await;
+    (fleet, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pubsub_connection_is_replaced_and_fleet_delivery_resumes() {
+    let (url, port) = testsuite::start_redis();
+    testsuite::wait_for_port(port);
+    let mut acked = Vec::new();
+    let (fleet, mut a, mut b) = pubsub_fleet(&url, &[("HERALD_PERSIST", "off")], &mut acked).await;
+    let killed = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+        .output()
+        .expect("redis-cli must be on PATH");
+    let count = String::from_utf8_lossy(&killed.stdout);
+    assert!(
+        count.trim().parse::<u32>().is_ok_and(|n| n >= 2),
+        "both instances' subscriptions killed: {count}"
+    );
+    let took = until_delivered(&mut a, &mut b, "live", &mut acked).await;
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    for instance in &fleet {
+        assert!(instance.metric("herald_redis_reconnects_total").await >= 1.0);
+    }
+}
+
+/// A TCP proxy in front of Redis whose connections can be frozen: they stay open and
+/// forward nothing, as a half-open connection or a stuck middlebox would.
+struct FreezingProxy {
+    port: u16,
+    opened: Arc<AtomicU64>,
+    frozen_below: Arc<AtomicU64>,
+}
+
+impl FreezingProxy {
+    async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let opened = Arc::new(AtomicU64::new(0));
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let (count, frozen) = (opened.clone(), frozen_below.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                tokio::spawn(pump(
+                    client_read,
+                    upstream_write,
+                    generation,
+                    frozen.clone(),
+                ));
+                tokio::spawn(pump(
+                    upstream_read,
+                    client_write,
+                    generation,
+                    frozen.clone(),
+                ));
+            }
+        });
+        Self {
+            port,
+            opened,
+            frozen_below,
+        }
+    }
+
+    /// Every connection open now goes silent; later ones work.
+    fn freeze(&self) {
+        self.frozen_below
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    generation: u64,
+    frozen_below: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if generation < frozen_below.load(Ordering::SeqCst) {
+            continue; // swallowed: the connection stays open and says nothing
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_pubsub_connection_is_found_by_the_probe_and_replaced() {
+    let (_, port) = testsuite::start_redis();
+    testsuite::wait_for_port(port);
+    let proxy = FreezingProxy::start(port).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let database = herald_store::testing::postgres_url().await;
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("BATCH_TIMEOUT", "200ms"),
+        ("HERALD_CLAIM_IDLE", "1s"),
+    ];
+    let mut acked = Vec::new();
+    let (fleet, mut a, mut b) = pubsub_fleet(&url, &env, &mut acked).await;
+    proxy.freeze();
+    let took = until_delivered(&mut a, &mut b, "live", &mut acked).await;
+    assert!(took < Duration::from_secs(10), "resumed after {took:?}");
+    // The persist workers' connections froze too: they are replaced, and every acknowledged
+    // message is stored once.
+    let want: std::collections::BTreeSet<String> = acked.iter().cloned().collect();
+    let mut stored = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        stored = stored_ids(&database, "live").await;
+        if stored.len() >= want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, want, "exactly the acknowledged messages are stored");
+    for instance in &fleet {
+        assert!(
+            instance
+                .metric("herald_redis_pubsub_probe_failures_total")
+                .await
+                >= 1.0,
+            "the probe found the dead connection"
+        );
+    }
+}
+
+async fn stored_ids(database: &str, room: &str) -> std::collections::BTreeSet<String> {
+    use sqlx::Connection;
+    let Ok(mut conn) = sqlx::PgConnection::connect(database).await else {
+        return Default::default();
+    };
+    sqlx::query_as::<_, (String,)>("SELECT id FROM messages WHERE room = $1")
+        .bind(room)
+        .fetch_all(&mut conn)
+        .await
+        .map(|rows| rows.into_iter().map(|(id,)| id).collect())
+        .unwrap_or_default()
 }

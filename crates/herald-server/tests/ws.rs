@@ -226,8 +226,14 @@ async fn two_tabs_of_one_user_arrive_and_leave_once() {
     watcher
         .request(json!({"type": "message", "room": "tabs", "data": "marker"}))
         .await;
+    // The echo may come before the ack, in which case `request` kept it (and anything
+    // before it) in `pushed`.
+    let mut kept = std::mem::take(&mut watcher.pushed).into_iter();
     loop {
-        let frame = watcher.recv().await;
+        let frame = match kept.next() {
+            Some(frame) => frame,
+            None => watcher.recv().await,
+        };
         match frame["type"].as_str() {
             Some("presence") => events.push((frame["user"].clone(), frame["status"].clone())),
             Some("message") => break,
@@ -398,4 +404,120 @@ async fn floods_are_refused_per_connection_and_per_user_and_others_carry_on() {
     let (mut calm, _) = WsClient::connect(&server, "calm").await;
     let ack = calm.request(json!({"type": "join", "room": "r"})).await;
     assert_eq!(ack["ok"], true, "other users are unaffected: {ack}");
+}
+
+/// Signs `claims` with the test secret, however odd they are.
+fn sign(claims: Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("sign")
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+async fn upgrade_status(server: &TestServer, token: &str) -> u16 {
+    let url = format!("ws://{}/ws?token={token}", server.addr);
+    match tokio_tungstenite::connect_async(&url).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_that_try_to_get_around_auth_are_refused_at_the_upgrade() {
+    let server = TestServer::start().await;
+    let now = now_secs();
+    let ok = sign(json!({"sub": "dave", "exp": now + 600}));
+    assert_eq!(upgrade_status(&server, &ok).await, 101, "the control case");
+    let [header, payload, _] =
+        <[&str; 3]>::try_from(ok.split('.').collect::<Vec<_>>()).expect("three parts");
+    let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0"; // {"alg":"none","typ":"JWT"}
+    let refused = [
+        (
+            "alg none, no signature",
+            format!("{none_header}.{payload}."),
+        ),
+        ("signature stripped", format!("{header}.{payload}.")),
+        (
+            "not valid yet (nbf)",
+            sign(json!({"sub": "dave", "exp": now + 600, "nbf": now + 300})),
+        ),
+        ("no exp: would never expire", sign(json!({"sub": "dave"}))),
+        ("expired", sign(json!({"sub": "dave", "exp": now - 1}))),
+        (
+            "a subject that is no valid user id",
+            sign(json!({"sub": "dave#admin", "exp": now + 600})),
+        ),
+    ];
+    for (what, token) in refused {
+        assert_eq!(upgrade_status(&server, &token).await, 401, "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_rules_hold_for_every_command_that_names_a_room() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = WsClient::connect(&server, "alice").await;
+    let ack = alice
+        .request(json!({"type": "join", "room": "user:alice"}))
+        .await;
+    assert_eq!(ack["ok"], true, "one's own room: {ack}");
+
+    let (mut eve, _) = WsClient::connect(&server, "eve").await;
+    for frame in [
+        json!({"type": "join", "room": "user:alice"}),
+        json!({"type": "join", "room": "user:alice", "since": 0}),
+        json!({"type": "presence", "room": "user:alice"}),
+        json!({"type": "history", "room": "user:alice"}),
+    ] {
+        let ack = eve.request(frame.clone()).await;
+        assert_eq!(ack["error"], "forbidden", "{frame}: {ack}");
+    }
+    let ack = eve
+        .request(json!({"type": "message", "room": "user:alice", "data": "boo"}))
+        .await;
+    assert_eq!(ack["error"], "not_member", "{ack}");
+
+    // Publishing needs membership now, not once.
+    let ack = eve.request(json!({"type": "join", "room": "hall"})).await;
+    assert_eq!(ack["ok"], true);
+    eve.request(json!({"type": "leave", "room": "hall"})).await;
+    let ack = eve
+        .request(json!({"type": "message", "room": "hall", "data": "after leaving"}))
+        .await;
+    assert_eq!(ack["error"], "not_member", "{ack}");
+
+    // A rooms claim bounds presence and history too, and globs match whole names only.
+    let url = format!(
+        "ws://{}/ws?token={}",
+        server.addr,
+        common::token_with("scoped", Some(vec!["chat:*".into()]))
+    );
+    let (mut scoped, _) = WsClient::connect_url(&url).await;
+    for frame in [
+        json!({"type": "join", "room": "chat"}),
+        json!({"type": "join", "room": "xchat:1"}),
+        json!({"type": "presence", "room": "hall"}),
+        json!({"type": "history", "room": "hall"}),
+    ] {
+        let ack = scoped.request(frame.clone()).await;
+        assert_eq!(ack["error"], "forbidden", "{frame}: {ack}");
+    }
+    let ack = scoped
+        .request(json!({"type": "join", "room": "user:scoped"}))
+        .await;
+    assert_eq!(
+        ack["ok"], true,
+        "one's own room is outside any claim: {ack}"
+    );
+    assert!(
+        alice.pushed.is_empty(),
+        "nothing reached alice: {:?}",
+        alice.pushed
+    );
 }

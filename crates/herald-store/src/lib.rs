@@ -5,7 +5,8 @@
 //!
 //! - [`sqlite`]: the embedded default, one file under the data directory.
 //! - [`postgres`]: PostgreSQL, written with COPY into a staging table.
-//! - [`queue`]: the bounded in-process persist queue of single-instance mode.
+//! - [`queue`]: the bounded in-process persist queue of single-instance mode, and the fleet's
+//!   queue that keeps beside the Redis stream what an instance accepted while Redis was away.
 //! - [`worker`]: reads the queue in batches, writes the store, acknowledges after commit.
 //!
 //! Migrations are versioned SQL files under `migrations/<engine>/`, applied at start and by
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use herald_core::{Message, Namespace, RoomName, Store, StoreError, UserId};
 
 pub use postgres::PostgresStore;
-pub use queue::MemoryQueue;
+pub use queue::{FleetQueue, MemoryQueue};
 pub use sqlite::SqliteStore;
 pub use worker::{Worker, WorkerSettings};
 
@@ -59,10 +60,12 @@ struct Row {
     namespace: String,
     id: String,
     room: String,
+    epoch: String,
     offset: i64,
     sender: String,
     payload: String,
     ts: i64,
+    instance: Option<String>,
 }
 
 impl Row {
@@ -80,6 +83,8 @@ impl Row {
             from: UserId::new(self.sender),
             data: serde_json::value::RawValue::from_string(self.payload).ok()?,
             ts: self.ts,
+            epoch: self.epoch.into(),
+            instance: self.instance.map(Into::into),
         }))
     }
 }

@@ -43,11 +43,17 @@ fn csv_field(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// The batch as CSV rows for COPY: id, namespace, room, offset, sender, payload, ts (ms).
+/// The batch as CSV rows for COPY: id, namespace, room, epoch, offset, sender, payload,
+/// ts (ms), instance (an unquoted empty field, which COPY reads as NULL, when unknown).
 fn csv(batch: &[Arc<Message>]) -> String {
-    let mut out = String::with_capacity(batch.len() * 160);
+    let mut out = String::with_capacity(batch.len() * 192);
     for m in batch {
-        for field in [m.id.as_str(), m.namespace.as_str(), m.room.as_str()] {
+        for field in [
+            m.id.as_str(),
+            m.namespace.as_str(),
+            m.room.as_str(),
+            &m.epoch,
+        ] {
             csv_field(&mut out, field);
             out.push(',');
         }
@@ -55,7 +61,11 @@ fn csv(batch: &[Arc<Message>]) -> String {
         csv_field(&mut out, m.from.as_str());
         out.push(',');
         csv_field(&mut out, m.data.get());
-        let _ = writeln!(out, ",{}", m.ts);
+        let _ = write!(out, ",{},", m.ts);
+        if let Some(instance) = &m.instance {
+            csv_field(&mut out, instance);
+        }
+        out.push('\n');
     }
     out
 }
@@ -66,22 +76,22 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(unavailable)?;
             sqlx::query(
-                r#"CREATE TEMP TABLE staging (id TEXT, namespace TEXT, room TEXT, "offset" BIGINT,
-                   sender TEXT, payload TEXT, ts BIGINT) ON COMMIT DROP"#,
+                r#"CREATE TEMP TABLE staging (id TEXT, namespace TEXT, room TEXT, epoch TEXT,
+                   "offset" BIGINT, sender TEXT, payload TEXT, ts BIGINT, instance TEXT) ON COMMIT DROP"#,
             )
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
             let mut copy = tx
-                .copy_in_raw(r#"COPY staging (id, namespace, room, "offset", sender, payload, ts) FROM STDIN WITH (FORMAT csv)"#)
+                .copy_in_raw(r#"COPY staging (id, namespace, room, epoch, "offset", sender, payload, ts, instance) FROM STDIN WITH (FORMAT csv)"#)
                 .await
                 .map_err(unavailable)?;
             copy.send(rows.as_bytes()).await.map_err(unavailable)?;
             copy.finish().await.map_err(unavailable)?;
             let written = sqlx::query(
-                r#"INSERT INTO messages (id, namespace, room, "offset", sender, payload, created_at)
-                   SELECT id, namespace, room, "offset", sender, payload::jsonb, to_timestamp(ts / 1000.0)
-                   FROM staging ORDER BY namespace, room, "offset"
+                r#"INSERT INTO messages (id, namespace, room, epoch, "offset", sender, payload, created_at, instance)
+                   SELECT id, namespace, room, epoch, "offset", sender, payload::jsonb, to_timestamp(ts / 1000.0), instance
+                   FROM staging ORDER BY namespace, room, epoch, "offset"
                    ON CONFLICT DO NOTHING"#,
             )
             .execute(&mut *tx)
@@ -106,21 +116,24 @@ impl Store for PostgresStore {
     fn history(
         &self,
         key: &RoomKey,
+        epoch: &str,
         query: HistoryQuery,
     ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
         let key = key.clone();
+        let epoch = epoch.to_owned();
         Box::pin(async move {
             let before = query.before.map_or(i64::MAX, sql_offset);
             let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-            let columns = r#"SELECT namespace, id, room, "offset", sender, payload::text AS payload,
-                (extract(epoch FROM created_at) * 1000)::bigint AS ts FROM messages"#;
+            let columns = r#"SELECT namespace, id, room, epoch, "offset", sender, payload::text AS payload,
+                (extract(epoch FROM created_at) * 1000)::bigint AS ts, instance FROM messages"#;
             let rows = match query.since {
                 Some(since) => {
                     sqlx::query_as::<_, Row>(&format!(
-                        r#"{columns} WHERE namespace = $1 AND room = $2 AND "offset" > $3 AND "offset" < $4 ORDER BY "offset" LIMIT $5"#
+                        r#"{columns} WHERE namespace = $1 AND room = $2 AND epoch = $3 AND "offset" > $4 AND "offset" < $5 ORDER BY "offset" LIMIT $6"#
                     ))
                     .bind(key.namespace.as_str())
                     .bind(key.room.as_str())
+                    .bind(&epoch)
                     .bind(sql_offset(since))
                     .bind(before)
                     .bind(limit)
@@ -129,10 +142,11 @@ impl Store for PostgresStore {
                 }
                 None => {
                     sqlx::query_as::<_, Row>(&format!(
-                        r#"SELECT * FROM ({columns} WHERE namespace = $1 AND room = $2 AND "offset" < $3 ORDER BY "offset" DESC LIMIT $4) newest ORDER BY "offset""#
+                        r#"SELECT * FROM ({columns} WHERE namespace = $1 AND room = $2 AND epoch = $3 AND "offset" < $4 ORDER BY "offset" DESC LIMIT $5) newest ORDER BY "offset""#
                     ))
                     .bind(key.namespace.as_str())
                     .bind(key.room.as_str())
+                    .bind(&epoch)
                     .bind(before)
                     .bind(limit)
                     .fetch_all(&self.pool)

@@ -10,6 +10,8 @@ use herald_core::{Message, PersistQueue, Store};
 /// Metric names of the durable path.
 pub mod metric {
     pub const QUEUE_LENGTH: &str = "herald_persist_queue_length";
+    /// Entries handed to a worker and not acknowledged yet (being written, or retried).
+    pub const PENDING: &str = "herald_persist_pending";
     pub const LAG: &str = "herald_persist_lag_seconds";
     pub const BATCH_SIZE: &str = "herald_worker_batch_size";
     pub const BATCH_SECONDS: &str = "herald_worker_batch_seconds";
@@ -53,6 +55,8 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         tracing::info!(worker = %self.settings.id, batch_size = self.settings.batch_size, "persist worker started");
+        // A store that cannot take writes is known before the first message is acknowledged.
+        self.check_store().await;
         loop {
             let read = self
                 .queue
@@ -62,19 +66,42 @@ impl Worker {
                 () = &mut shutdown => break,
             };
             match batch {
-                Ok(entries) if entries.is_empty() => {}
+                Ok(entries) if entries.is_empty() => {
+                    // Nothing to retry, so only a check tells when a failing store is back.
+                    if self.queue.accepting().is_err() {
+                        self.check_store().await;
+                    }
+                }
                 Ok(entries) => self.store_batch(entries).await,
                 Err(e) => {
                     tracing::warn!(worker = %self.settings.id, error = %e, "persist queue read failed");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            if let Ok(len) = self.queue.backlog().await {
-                metrics::gauge!(metric::QUEUE_LENGTH).set(len as f64);
-            }
+            self.report().await;
         }
         self.drain().await;
         tracing::info!(worker = %self.settings.id, "persist worker stopped");
+    }
+
+    /// Pings the store and tells the queue how it went.
+    async fn check_store(&self) {
+        match self.store.ping().await {
+            Ok(()) => self.queue.store_status(None),
+            Err(e) => {
+                tracing::warn!(worker = %self.settings.id, error = %e, "store is not taking writes");
+                self.queue.store_status(Some(&e));
+            }
+        }
+    }
+
+    async fn report(&self) {
+        if let Ok(len) = self.queue.backlog().await {
+            metrics::gauge!(metric::QUEUE_LENGTH).set(len as f64);
+        }
+        if let Ok(pending) = self.queue.pending().await {
+            metrics::gauge!(metric::PENDING).set(pending as f64);
+        }
     }
 
     /// Stores whatever is queued now, without waiting for more.
@@ -98,8 +125,16 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         let written = loop {
             match self.store.write(&messages).await {
-                Ok(written) => break written,
+                Ok(written) => {
+                    self.queue.store_status(None);
+                    break written;
+                }
                 Err(e) => {
+                    self.queue.store_status(Some(&e));
+                    if backoff == Duration::from_millis(100) {
+                        // The first failure of a batch: the gauges show what is held.
+                        self.report().await;
+                    }
                     metrics::counter!(metric::RETRIES).increment(1);
                     tracing::warn!(worker = %self.settings.id, error = %e, ?backoff, batch = messages.len(), "store write failed; retrying");
                     tokio::time::sleep(backoff).await;

@@ -44,6 +44,11 @@ impl MemoryBroker {
         }
     }
 
+    /// The epoch every room of this broker counts its offsets in.
+    pub fn epoch(&self) -> Arc<str> {
+        self.epoch.clone()
+    }
+
     fn room(&self, key: &RoomKey) -> Arc<tokio::sync::Mutex<RoomLog>> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         rooms.entry(key.clone()).or_default().clone()
@@ -71,7 +76,7 @@ impl Broker for MemoryBroker {
             let room = self.room(&key);
             let mut log = room.lock().await;
             log.offset += 1;
-            let message = Arc::new(publication.at(log.offset));
+            let message = Arc::new(publication.at(log.offset, self.epoch.clone()));
             if self.history_size > 0 {
                 if log.history.len() == self.history_size {
                     log.history.pop_front();

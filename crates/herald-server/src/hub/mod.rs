@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_core::{
     BoxFuture, Broker, ConnId, Delivery, DeliverySink, HistoryPage, HistoryQuery, LocalNode,
-    LocalSocket, Message, Namespace, Payload, PersistQueue, Presence, PresenceChange,
+    LocalSocket, Message, Namespace, Payload, PersistQueue, Position, Presence, PresenceChange,
     PresenceStatus, Publication, RemoteAction, RoomKey, RoomName, RoomPatterns, Selector, Store,
     UserId,
 };
@@ -34,6 +34,11 @@ const SHARD_QUEUE: usize = 64 * 1024;
 /// How long a recovering join may take to catch up with live traffic before it gives up on
 /// the gap (and reports `recovered: false`).
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The epoch a room reports before its first message (the Redis broker assigns the epoch
+/// with the first offset). Offsets a client saw after it count in the room's first epoch, so
+/// a client naming it is taken to mean the current one.
+const NO_EPOCH_YET: &str = "0";
 
 /// How deliveries reach one local connection.
 #[derive(Clone)]
@@ -338,11 +343,16 @@ impl Hub {
         &self.instance
     }
 
-    /// Whether the store answers within 2 s; `Ok` when nothing is stored.
+    /// Whether the store answers within 2 s and takes writes; `Ok` when nothing is stored.
     pub async fn store_ready(&self) -> Result<(), String> {
         let Some(durable) = &self.durable else {
             return Ok(());
         };
+        if let Err(e) = durable.queue.accepting() {
+            return Err(format!(
+                "writes failing, messages to persisted rooms are refused: {e}"
+            ));
+        }
         match tokio::time::timeout(Duration::from_secs(2), durable.store.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -369,6 +379,20 @@ impl Hub {
         since: Option<u64>,
         presence: bool,
     ) -> Result<Joined, ClientError> {
+        self.join_at(conn, key, since, None, presence).await
+    }
+
+    /// [`Hub::join`], with `since` counted in `epoch` when given: if the room is in another
+    /// epoch now (it started over, or this instance served alone while Redis was away), the
+    /// offsets do not compare, so nothing is re-sent and `recovered` is false.
+    pub async fn join_at(
+        &self,
+        conn: &Arc<Conn>,
+        key: RoomKey,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        presence: bool,
+    ) -> Result<Joined, ClientError> {
         self.broker.subscribe(&key).await.map_err(unavailable)?;
         let conn_ref = conn.clone();
         let recovering = since.is_some();
@@ -387,7 +411,7 @@ impl Hub {
             self.release(&key).await;
         }
         let joined = match since {
-            Some(since) if added => self.recover(conn, &key, since).await?,
+            Some(since) if added => self.recover(conn, &key, since, epoch).await?,
             _ => {
                 let page = self.history(&key, HistoryQuery::default()).await?;
                 Joined {
@@ -412,6 +436,7 @@ impl Hub {
         conn: &Arc<Conn>,
         key: &RoomKey,
         since: u64,
+        epoch: Option<&str>,
     ) -> Result<Joined, ClientError> {
         let deadline = Instant::now() + RECOVERY_DEADLINE;
         let query = HistoryQuery {
@@ -423,11 +448,21 @@ impl Hub {
             Ok(page) => page,
             Err(e) => {
                 // The connection must not stay in recovery: go live and report the gap.
-                self.catch_up(conn, key, 0, Instant::now()).await;
+                self.catch_up(conn, key, 0, None, Instant::now()).await;
                 return Err(e);
             }
         };
+        if epoch.is_some_and(|e| e != NO_EPOCH_YET && e != &*page.position.epoch) {
+            // Go live, sending only what arrived meanwhile.
+            let (_, last) = self.catch_up(conn, key, 0, None, Instant::now()).await;
+            return Ok(Joined {
+                offset: last.max(page.position.offset),
+                epoch: page.position.epoch,
+                recovered: false,
+            });
+        }
         let mut last = since;
+        let mut last_epoch = None;
         let mut recovered = page.complete;
         for message in &page.messages {
             let out = Arc::new(Outgoing::new(Payload::Message(message.clone())));
@@ -436,8 +471,9 @@ impl Hub {
                 break;
             }
             last = message.offset;
+            last_epoch = Some(message.epoch.clone());
         }
-        let (caught_up, last) = self.catch_up(conn, key, last, deadline).await;
+        let (caught_up, last) = self.catch_up(conn, key, last, last_epoch, deadline).await;
         // `last` starts at `since`, which may be beyond the room's end; only offsets actually
         // delivered may raise the position reported.
         let delivered = if last > since { last } else { 0 };
@@ -451,11 +487,16 @@ impl Hub {
     /// Replays what arrived for the room while `conn` was recovering, until nothing is left
     /// and the shard switches it to live delivery. Returns whether nothing was lost, and the
     /// last message offset sent.
+    ///
+    /// History may hold messages that the broker has not handed to this instance yet (a room
+    /// subscribed a moment ago); the shard is told the last one replayed (`last` in
+    /// `last_epoch`), so that it skips them when they arrive live.
     async fn catch_up(
         &self,
         conn: &Arc<Conn>,
         key: &RoomKey,
         mut last: u64,
+        mut last_epoch: Option<Arc<str>>,
         deadline: Instant,
     ) -> (bool, u64) {
         let mut complete = true;
@@ -468,6 +509,7 @@ impl Hub {
                     conn: id,
                     key: key.clone(),
                     force,
+                    replayed: last_epoch.clone().map(|epoch| (epoch, last)),
                     reply,
                 })
                 .await
@@ -481,6 +523,7 @@ impl Hub {
                         continue;
                     }
                     last = message.offset;
+                    last_epoch = Some(message.epoch.clone());
                 }
                 if conn.send(out, deadline).await.is_err() {
                     complete = false;
@@ -544,6 +587,17 @@ impl Hub {
         data: Box<RawValue>,
     ) -> Result<Arc<Message>, ClientError> {
         let durable = self.durable.as_ref().filter(|d| d.rooms.allows(&key.room));
+        if let Some(durable) = durable {
+            // Refused before an offset is taken: nobody receives a message that is not kept.
+            durable.queue.accepting().map_err(|e| {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "store_unavailable")
+                    .increment(1);
+                ClientError::new(
+                    ErrorCode::StoreUnavailable,
+                    format!("message not accepted: the store keeps failing ({e})"),
+                )
+            })?;
+        }
         let publication = Publication {
             key,
             id: uuid::Uuid::now_v7().to_string(),
@@ -551,6 +605,7 @@ impl Hub {
             data,
             ts: now_ms(),
             persist: durable.is_some(),
+            instance: Some(self.instance.clone()),
         };
         let message = self
             .broker
@@ -590,6 +645,38 @@ impl Hub {
             .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))
     }
 
+    /// A room's history in `epoch`: from [`Hub::history`] when that is the room's epoch now
+    /// (or none is given), otherwise from the store's rows of that epoch alone, with the page's
+    /// position at the last of them.
+    pub async fn history_in(
+        &self,
+        key: &RoomKey,
+        epoch: Option<&str>,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, ClientError> {
+        let page = self.history(key, query).await?;
+        let Some(epoch) = epoch.filter(|e| *e != NO_EPOCH_YET && *e != &*page.position.epoch)
+        else {
+            return Ok(page);
+        };
+        let stored = match self.durable.as_ref().filter(|d| d.rooms.allows(&key.room)) {
+            Some(durable) => durable
+                .store
+                .history(key, epoch, query)
+                .await
+                .map_err(|e| ClientError::new(ErrorCode::Unavailable, e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok(HistoryPage {
+            position: Position {
+                offset: stored.last().map_or(0, |m| m.offset),
+                epoch: epoch.into(),
+            },
+            complete: false,
+            messages: stored,
+        })
+    }
+
     /// A room's history from the broker, completed from the store where the broker no longer
     /// holds the range.
     pub async fn history(
@@ -622,7 +709,11 @@ impl Hub {
             before: Some(before),
             limit: want,
         };
-        let stored = match durable.store.history(key, older).await {
+        let stored = match durable
+            .store
+            .history(key, &page.position.epoch, older)
+            .await
+        {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(room = %key, error = %e, "store history unavailable");
@@ -783,6 +874,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_replayed_from_history_is_not_delivered_again_when_it_arrives_live() {
+        let h = hub(100);
+        for i in 1..=3 {
+            h.hub
+                .publish(key("r"), UserId::new("w"), data(i))
+                .await
+                .expect("publish");
+        }
+        let page = h
+            .hub
+            .history(
+                &key("r"),
+                HistoryQuery {
+                    since: Some(0),
+                    before: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .expect("history");
+        let third = page
+            .messages
+            .iter()
+            .find(|m| m.offset == 3)
+            .cloned()
+            .expect("offset 3 is kept");
+        let (a, mut rx) = conn("a", "alice");
+        let joined = h
+            .hub
+            .join(&a, key("r"), Some(1), false)
+            .await
+            .expect("join");
+        assert_eq!((joined.offset, joined.recovered), (3, true));
+        // The broker hands offset 3 to this instance only now (a room subscribed a moment
+        // before history was read): the member already has it. Off the Redis wire, a message
+        // carries no epoch.
+        let mut late = (*third).clone();
+        late.epoch = "".into();
+        h.hub
+            .router
+            .deliver(Delivery::new(key("r"), Payload::Message(Arc::new(late))))
+            .await;
+        h.hub
+            .publish(key("r"), UserId::new("w"), data(4))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(drain(&mut rx).0, vec![2, 3, 4], "once each, in order");
+    }
+
+    #[tokio::test]
     async fn recovery_replays_exactly_the_gap_and_reports_trimmed_history() {
         let h = hub(5);
         for i in 1..=8 {
@@ -812,6 +954,37 @@ mod tests {
             vec![4, 5, 6, 7, 8],
             "what is kept is still replayed"
         );
+    }
+
+    #[tokio::test]
+    async fn recovery_from_another_epoch_replays_nothing() {
+        let h = hub(10);
+        for i in 1..=4 {
+            h.hub
+                .publish(key("e"), UserId::new("w"), data(i))
+                .await
+                .expect("publish");
+        }
+        let (a, mut rx) = conn("a", "alice");
+        let joined = h
+            .hub
+            .join_at(&a, key("e"), Some(2), Some("an-earlier-epoch"), false)
+            .await
+            .expect("join");
+        assert_eq!((joined.offset, joined.recovered), (4, false));
+        assert!(
+            drain(&mut rx).0.is_empty(),
+            "offsets 3 and 4 are not the client's 3 and 4"
+        );
+
+        let (b, mut rx) = conn("b", "bob");
+        let joined = h
+            .hub
+            .join_at(&b, key("e"), Some(2), Some(&*joined.epoch), false)
+            .await
+            .expect("join");
+        assert!(joined.recovered, "the same epoch recovers");
+        assert_eq!(drain(&mut rx).0, vec![3, 4]);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub(super) enum ShardCmd {
         conn: ConnId,
         key: RoomKey,
         force: bool,
+        /// The last message the member was sent, by epoch and offset.
+        replayed: Option<(Arc<str>, u64)>,
         reply: oneshot::Sender<CatchUp>,
     },
     /// Remove a member. Replies whether it was one.
@@ -64,6 +66,42 @@ struct Member {
     /// Deliveries held while the member replays history; `None` once it is live.
     recovering: Option<Vec<Arc<Outgoing>>>,
     overflowed: bool,
+    /// Live, but history gave it messages up to this one before the broker handed them to
+    /// this instance: they are skipped when they arrive. Cleared by the first message past it.
+    floor: Option<(Arc<str>, u64)>,
+    /// A Socket.IO member in its socketioxide room, which the room broadcast reaches.
+    in_sio_room: bool,
+}
+
+impl Member {
+    /// Whether `payload` is a message this member already received from history.
+    fn replayed(&mut self, payload: &Payload) -> bool {
+        let (Some((epoch, offset)), Payload::Message(message)) = (&self.floor, payload) else {
+            return false;
+        };
+        // Messages read off the Redis wire do not carry their epoch (an empty one): their
+        // offset is compared on its own.
+        let same_epoch = message.epoch.is_empty() || message.epoch == *epoch;
+        if same_epoch && message.offset <= *offset {
+            return true;
+        }
+        self.floor = None;
+        false
+    }
+
+    /// Switches a Socket.IO member to the room broadcast, once its floor is passed. Returns
+    /// whether it joined the socketioxide room now.
+    fn join_sio_room(&mut self, key: &RoomKey) -> bool {
+        if self.in_sio_room || self.recovering.is_some() || self.floor.is_some() {
+            return false;
+        }
+        let Sink::Sio(socket) = &self.conn.sink else {
+            return false;
+        };
+        socket.join(key.room.as_str().to_owned());
+        self.in_sio_room = true;
+        true
+    }
 }
 
 #[derive(Default)]
@@ -71,6 +109,10 @@ struct LocalRoom {
     members: HashMap<ConnId, Member>,
     /// Live Socket.IO members, which one socketioxide room broadcast reaches.
     live_sio: usize,
+    /// The last broadcast found a Socket.IO member's buffer full. The broadcast does not say
+    /// whose, so the next delivery goes to each socket alone, and those still full then
+    /// (they stay behind) are disconnected as slow consumers.
+    sio_lagging: bool,
 }
 
 pub(super) struct Shard {
@@ -109,9 +151,10 @@ impl Shard {
                     conn,
                     key,
                     force,
+                    replayed,
                     reply,
                 } => {
-                    let _ = reply.send(self.catch_up(&conn, &key, force));
+                    let _ = reply.send(self.catch_up(&conn, &key, force, replayed));
                 }
                 ShardCmd::Leave { conn, key, reply } => {
                     let _ = reply.send(self.leave(&conn, &key));
@@ -145,6 +188,17 @@ impl Shard {
                 }
                 continue;
             }
+            if member.replayed(&out.payload) {
+                continue;
+            }
+            if member.join_sio_room(&delivery.key) {
+                room.live_sio += 1;
+            } else if let (Sink::Sio(socket), false) = (&member.conn.sink, member.in_sio_room) {
+                // Still below its floor for messages: events and presence go to it alone.
+                if sio::emit_to(socket, &out.payload).is_ok() {
+                    delivered += 1;
+                }
+            }
             if let Sink::Queue { tx, kick } = &member.conn.sink {
                 match tx.try_send(Queued::Delivery(out.clone())) {
                     Ok(()) => delivered += 1,
@@ -160,9 +214,34 @@ impl Shard {
         if room.live_sio > 0
             && let Some(io) = self.sio.get()
         {
-            let failed = sio::emit_room(io, &delivery.key, &delivery.except, &out.payload).await;
-            delivered += room.live_sio.saturating_sub(failed) as u64;
-            dropped += failed as u64;
+            if std::mem::take(&mut room.sio_lagging) {
+                for member in room.members.values() {
+                    let Sink::Sio(socket) = &member.conn.sink else {
+                        continue;
+                    };
+                    let skipped = excluded
+                        .as_ref()
+                        .is_some_and(|skip| skip.contains(&member.conn.id));
+                    if !member.in_sio_room || skipped {
+                        continue;
+                    }
+                    match sio::emit_to(socket, &out.payload) {
+                        Ok(()) => delivered += 1,
+                        Err(e) if sio::is_full(&e) => {
+                            // A slow consumer: it is disconnected and recovers by offset.
+                            dropped += 1;
+                            sio::kick_slow(socket);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            } else {
+                let failed =
+                    sio::emit_room(io, &delivery.key, &delivery.except, &out.payload).await;
+                delivered += room.live_sio.saturating_sub(failed) as u64;
+                dropped += failed as u64;
+                room.sio_lagging = failed > 0;
+            }
         }
         metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
         if dropped > 0 {
@@ -183,19 +262,27 @@ impl Shard {
         if room.members.contains_key(&conn.id) {
             return false;
         }
-        if !recovering {
-            go_live(room, &conn, &key);
-        }
-        let member = Member {
+        let mut member = Member {
             conn: conn.clone(),
             recovering: recovering.then(Vec::new),
             overflowed: false,
+            floor: None,
+            in_sio_room: false,
         };
+        if member.join_sio_room(&key) {
+            room.live_sio += 1;
+        }
         room.members.insert(conn.id.clone(), member);
         true
     }
 
-    fn catch_up(&mut self, conn: &ConnId, key: &RoomKey, force: bool) -> CatchUp {
+    fn catch_up(
+        &mut self,
+        conn: &ConnId,
+        key: &RoomKey,
+        force: bool,
+        replayed: Option<(Arc<str>, u64)>,
+    ) -> CatchUp {
         let gone = CatchUp {
             pending: Vec::new(),
             live: true,
@@ -220,8 +307,12 @@ impl Shard {
         };
         if force || pending.is_empty() {
             member.recovering = None;
-            let conn = member.conn.clone();
-            go_live(room, &conn, key);
+            if !force {
+                member.floor = replayed.filter(|(_, offset)| *offset > 0);
+            }
+            if member.join_sio_room(key) {
+                room.live_sio += 1;
+            }
             return CatchUp {
                 pending,
                 live: true,
@@ -242,7 +333,7 @@ impl Shard {
         let Some(member) = room.members.remove(conn) else {
             return false;
         };
-        if let (Sink::Sio(socket), None) = (&member.conn.sink, &member.recovering) {
+        if let (Sink::Sio(socket), true) = (&member.conn.sink, member.in_sio_room) {
             socket.leave(key.room.as_str().to_owned());
             room.live_sio -= 1;
         }
@@ -265,12 +356,5 @@ impl Shard {
                     .map(|m| (key.room.clone(), m.conn.id.clone(), m.conn.user.clone()))
             })
             .collect()
-    }
-}
-
-fn go_live(room: &mut LocalRoom, conn: &Conn, key: &RoomKey) {
-    if let Sink::Sio(socket) = &conn.sink {
-        socket.join(key.room.as_str().to_owned());
-        room.live_sio += 1;
     }
 }

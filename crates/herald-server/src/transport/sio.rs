@@ -6,14 +6,24 @@
 //! before the handlers exist. herald registers its one event handler in the auth middleware,
 //! which runs before CONNECT, and that handler's extractor queues each event synchronously,
 //! in arrival order, for the socket's session task.
+//!
+//! A socket whose outbound buffer (`HERALD_OUTBOUND_QUEUE` packets) stays full is a slow
+//! consumer: it leaves its rooms, then sees an `error` event `{code: "slow_consumer",
+//! message}` followed by a namespace DISCONNECT. socket.io-client reports that as
+//! `io server disconnect` and deliberately does not reconnect by itself: a client that cannot
+//! keep up would otherwise fall behind again at once, and load the fleet with replays. The
+//! application decides when to call `socket.connect()` and rejoin with `since`, which
+//! recovers what it missed by offset.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::ConnectInfo;
 use herald_core::{ConnId, Namespace, Payload, RoomKey, RoomName};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::{FromMessage, FromMessageParts, Value as SioValue};
 use socketioxide::socket::{DisconnectReason, Socket};
@@ -23,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::hub::{Conn, Sink};
+use crate::limits::{Admission, Refusal, shown};
 use crate::metrics as m;
 use crate::protocol::{ClientError, ErrorCode};
 use crate::session::Session;
@@ -30,6 +41,10 @@ use crate::{AppState, ConnectionGuard};
 
 /// Events queued per socket before new ones are refused with `overloaded`.
 const INBOX_SIZE: usize = 256;
+/// How long a slow consumer's buffer may take to make room for its `error` notice and its
+/// DISCONNECT. The TCP connection of a socket that never reads is aborted by the kernel
+/// (`HERALD_SEND_TIMEOUT`).
+const SLOW_NOTICE_WAIT: Duration = Duration::from_secs(5);
 
 struct Inbound {
     event: String,
@@ -43,7 +58,11 @@ struct Inbox {
     tx: mpsc::Sender<Inbound>,
     rx: Arc<Mutex<Option<mpsc::Receiver<Inbound>>>>,
     identity: Identity,
+    /// The socket's place under the connection caps, held by its session task.
+    admission: Arc<Mutex<Option<Admission>>>,
     closed: CancellationToken,
+    /// Cancelled by the hub when the socket's outbound buffer stays full.
+    slow: CancellationToken,
 }
 
 #[derive(Deserialize, Default)]
@@ -72,28 +91,49 @@ pub fn attach(io: &SocketIo, state: &Arc<AppState>) {
     }
 }
 
-/// The handshake error every refused client sees: `connect_error` `{message: "unauthorized"}`.
+/// The handshake error a refused client sees as `connect_error`: its message is the code,
+/// `unauthorized` for a bad, missing or expired token, or the limit's code
+/// (`rate_limited`, `too_many_connections`, `server_full`).
 #[derive(Debug, thiserror::Error)]
-#[error("unauthorized")]
-struct Unauthorized;
+enum Refused {
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error(transparent)]
+    Limit(#[from] Refusal),
+}
 
 fn authenticate(
     state: &AppState,
     socket: SocketRef,
     auth: Option<AuthPayload>,
-) -> Result<(), Unauthorized> {
+) -> Result<(), Refused> {
+    let parts = socket.req_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let ip = state.limits.client_ip(peer, &parts.headers);
+    let refused = |refusal: Refusal| {
+        refusal.count("socketio");
+        tracing::debug!(sid = %socket.id, ip = %shown(ip), code = refusal.code(), "socket.io connection refused");
+        Refused::Limit(refusal)
+    };
+    state.limits.check_ip(ip).map_err(refused)?;
     let token = auth.and_then(|a| a.token).or_else(|| query_token(&socket));
     let identity = state.verifier.verify(token.as_deref()).map_err(|e| {
         metrics::counter!(m::AUTH_FAILURES, "transport" => "socketio").increment(1);
         tracing::info!(sid = %socket.id, error = %e, "socket.io handshake refused");
-        Unauthorized
+        Refused::Unauthorized
     })?;
+    let admission = state.limits.admit(&identity.user).map_err(refused)?;
     let (tx, rx) = mpsc::channel(INBOX_SIZE);
     socket.extensions.insert(Inbox {
         tx,
         rx: Arc::new(Mutex::new(Some(rx))),
         identity,
+        admission: Arc::new(Mutex::new(Some(admission))),
         closed: CancellationToken::new(),
+        slow: CancellationToken::new(),
     });
     socket.on_fallback(async |_: Queued| {});
     Ok(())
@@ -171,7 +211,8 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
     let Some(mut rx) = inbox.rx.lock().ok().and_then(|mut rx| rx.take()) else {
         return;
     };
-    let closed = inbox.closed.clone();
+    let _admission = inbox.admission.lock().ok().and_then(|mut a| a.take());
+    let (closed, slow) = (inbox.closed.clone(), inbox.slow.clone());
     socket.on_disconnect(async |socket: SocketRef, reason: DisconnectReason| {
         tracing::debug!(sid = %socket.id, %reason, "socket.io disconnected");
         if let Some(inbox) = socket.extensions.get::<Inbox>() {
@@ -210,6 +251,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                         None
                     }
                     () = closed.cancelled() => None,
+                    () = slow.cancelled() => None,
                 };
                 let Some(Inbound {
                     event,
@@ -228,13 +270,75 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                 };
                 let _ = ack.send(&reply);
             }
+            // A slow consumer leaves its rooms first, so that nothing more queues up for it.
             session.close().await;
+            if slow.is_cancelled() && !closed.is_cancelled() {
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "socketio")
+                    .increment(1);
+                tracing::info!(sid = %socket.id, "slow consumer disconnected");
+                disconnect_slow(&socket, &closed).await;
+            }
         }
         Err(e) => {
             tracing::warn!(sid = %socket.id, error = %e, "session could not open");
             let _ = socket.clone().disconnect();
         }
     }
+}
+
+/// Tells a slow consumer why it goes (an `error` event with code `slow_consumer`), then
+/// disconnects it from the namespace, as soon as its buffer has room for each packet.
+async fn disconnect_slow(socket: &SocketRef, closed: &CancellationToken) {
+    let notice = json!({
+        "code": "slow_consumer",
+        "message": "disconnected: the outbound queue stayed full; reconnect and rejoin with since to recover",
+    });
+    let deadline = Instant::now() + SLOW_NOTICE_WAIT;
+    let mut told = false;
+    loop {
+        if !told {
+            match socket.emit("error", &notice) {
+                Ok(()) => told = true,
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {}
+                Err(_) => return,
+            }
+        }
+        if told {
+            match socket.clone().disconnect() {
+                Err(SocketError::InternalChannelFull) => {}
+                Ok(()) | Err(_) => return,
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::debug!(sid = %socket.id, "slow consumer never drained; its connection is left to the send timeout");
+            return;
+        }
+        tokio::select! {
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Marks a socket whose buffer stayed full as a slow consumer; its session task ends it.
+pub(crate) fn kick_slow(socket: &SocketRef) {
+    if let Some(inbox) = socket.extensions.get::<Inbox>() {
+        inbox.slow.cancel();
+    }
+}
+
+/// Emits one delivery to one socket, without waiting.
+pub(crate) fn emit_to(socket: &SocketRef, payload: &Payload) -> Result<(), SendError> {
+    match payload {
+        Payload::Message(message) => socket.emit("message", &**message),
+        Payload::Presence(change) => socket.emit("presence", change),
+        Payload::Event { name, data } => socket.emit(&**name, &**data),
+    }
+}
+
+/// Whether a send failed because the socket's buffer is full (rather than closed).
+pub(crate) fn is_full(error: &SendError) -> bool {
+    matches!(error, SendError::Socket(SocketError::InternalChannelFull))
 }
 
 /// Broadcasts one delivery to the room's live Socket.IO members on this instance, encoded
@@ -274,12 +378,7 @@ pub(crate) async fn emit_one(
     deadline: Instant,
 ) -> Result<(), ()> {
     loop {
-        let sent = match payload {
-            Payload::Message(message) => socket.emit("message", &**message),
-            Payload::Presence(change) => socket.emit("presence", change),
-            Payload::Event { name, data } => socket.emit(&**name, &**data),
-        };
-        match sent {
+        match emit_to(socket, payload) {
             Ok(()) => return Ok(()),
             Err(SendError::Socket(SocketError::InternalChannelFull))
                 if Instant::now() < deadline =>

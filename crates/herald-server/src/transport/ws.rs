@@ -1,11 +1,14 @@
 //! The plain JSON WebSocket front door at `/ws`: one JSON object per frame, with a `type`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::ws::{
     CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code,
 };
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
@@ -19,10 +22,14 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::http::ApiError;
 use crate::hub::{Conn, Outgoing, Queued, Sink};
+use crate::limits::Refusal;
 use crate::metrics as m;
-use crate::protocol::{ClientError, ErrorCode};
+use crate::protocol::{ClientError, ErrorCode, WsFrame};
 use crate::session::Session;
 use crate::{AppState, ConnectionGuard};
+
+/// How long a closing connection's writer may take to flush and send its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Room for the frame's envelope (`type`, `room`, `id`) beyond the payload limit.
 const FRAME_OVERHEAD: usize = 16 * 1024;
@@ -33,15 +40,24 @@ pub struct WsQuery {
     namespace: Option<String>,
 }
 
-/// Authenticates the upgrade request (401 without a valid token) and hands the socket over.
+/// Admits the upgrade request and hands the socket over. Refusals are answered before the
+/// upgrade, with a status and a JSON body naming the code: 401 without a valid token, 429
+/// `rate_limited` or `too_many_connections`, 503 `server_full`.
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(query): Query<WsQuery>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.draining.is_cancelled() {
         return ApiError::Draining.into_response();
+    }
+    let ip = state
+        .limits
+        .client_ip(peer.map(|Extension(ConnectInfo(addr))| addr), &headers);
+    if let Err(refusal) = state.limits.check_ip(ip) {
+        return refuse(&state, refusal, ip);
     }
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -62,10 +78,28 @@ pub async fn upgrade(
     if !state.config.namespaces.contains(&namespace) {
         return ApiError::BadRequest(format!("unknown namespace {namespace}")).into_response();
     }
+    let admission = match state.limits.admit(&identity.user) {
+        Ok(admission) => admission,
+        Err(refusal) => return refuse(&state, refusal, ip),
+    };
     // A small read buffer: the default 128 KiB is allocated per connection, idle or not.
     ws.max_message_size(state.config.max_payload + FRAME_OVERHEAD)
         .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| serve(state, socket, identity, namespace))
+        .on_upgrade(move |socket| async move {
+            serve(state, socket, identity, namespace).await;
+            drop(admission);
+        })
+}
+
+fn refuse(state: &AppState, refusal: Refusal, ip: Option<IpAddr>) -> Response {
+    refusal.count("ws");
+    tracing::debug!(ip = %crate::limits::shown(ip), code = refusal.code(), "websocket connection refused");
+    let body = serde_json::json!({
+        "ok": false,
+        "error": refusal.code(),
+        "message": refusal.message(&state.limits),
+    });
+    (refusal.status(), axum::Json(body)).into_response()
 }
 
 /// Why the server closes a connection.
@@ -73,6 +107,9 @@ struct Closing(u16, &'static str);
 
 async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, namespace: Namespace) {
     let _guard = ConnectionGuard::new(&state, "ws", &namespace);
+    // Closed with `1001 going away` when the shutdown drain reaches this session.
+    let drain_entry = state.drain.register(crate::drain::Kind::WsSession);
+    let drain_turn = drain_entry.token().clone();
     let (tx, rx) = mpsc::channel(state.config.outbound_queue);
     let kick = CancellationToken::new();
     let conn = Arc::new(Conn {
@@ -102,7 +139,7 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
             tracing::warn!(conn = %conn.id, error = %e, "session could not open");
             let _ = closing.set(Closing(close_code::AGAIN, "server unavailable"));
             stop.cancel();
-            let _ = writer.await;
+            finish(writer).await;
             return;
         }
     };
@@ -121,11 +158,11 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
                 break;
             }
             () = kick.cancelled() => {
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "ws").increment(1);
                 let _ = closing.set(Closing(close_code::POLICY, "slow consumer: outbound queue full"));
                 break;
             }
-            () = state.draining.cancelled() => {
+            () = drain_turn.cancelled() => {
                 let _ = closing.set(Closing(close_code::AWAY, "server shutting down"));
                 break;
             }
@@ -160,20 +197,27 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, identity: Identity, name
     }
     session.close().await;
     stop.cancel();
-    let _ = writer.await;
+    finish(writer).await;
+}
+
+/// Waits for the writer to send its close frame; a peer that does not read (a slow consumer)
+/// would keep it waiting forever, so after `CLOSE_GRACE` the writer is dropped, and the TCP
+/// connection with it.
+async fn finish(mut writer: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 async fn handle_text(session: &mut Session, text: &str) -> Value {
-    let mut frame = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(frame)) => frame,
-        Ok(_) => return error_reply(Value::Null, &bad_request("a frame must be a JSON object")),
-        Err(e) => return error_reply(Value::Null, &bad_request(&format!("malformed JSON: {e}"))),
+    let WsFrame { id, kind, fields } = match WsFrame::parse(text) {
+        Ok(frame) => frame,
+        Err((id, error)) => return error_reply(id, &error),
     };
-    let id = frame.remove("id").unwrap_or(Value::Null);
-    let Some(Value::String(kind)) = frame.remove("type") else {
-        return error_reply(id, &bad_request("a frame needs a string type"));
-    };
-    let mut reply = session.handle(&kind, Value::Object(frame)).await;
+    let mut reply = session.handle(&kind, fields).await;
     if let Value::Object(fields) = &mut reply {
         // `id` is the request's; a published message's id moves to `message_id`.
         if let Some(message_id) = fields.remove("id") {
@@ -183,10 +227,6 @@ async fn handle_text(session: &mut Session, text: &str) -> Value {
         fields.insert("id".into(), id);
     }
     reply
-}
-
-fn bad_request(message: &str) -> ClientError {
-    ClientError::new(ErrorCode::BadRequest, message)
 }
 
 fn error_reply(id: Value, error: &ClientError) -> Value {
@@ -286,6 +326,8 @@ mod tests {
             from: UserId::new("alice"),
             data: RawValue::from_string("{\"text\":\"hi\"}".into()).expect("json"),
             ts: 42,
+            epoch: "e".into(),
+            instance: None,
         };
         let text = encode(&Payload::Message(Arc::new(message)));
         let value: Value = serde_json::from_str(text.as_str()).expect("json frame");

@@ -41,6 +41,8 @@ impl TestServer {
             instance_id: "rust-test".into(),
             data_dir,
             shutdown_timeout: Duration::from_secs(5),
+            // Every test connects from 127.0.0.1; the tests of the limit set it.
+            ip_connect_rate: 0,
             ..Config::default()
         };
         adjust(&mut config);
@@ -109,6 +111,23 @@ impl WsClient {
         assert_eq!(session["type"], "event");
         assert_eq!(session["event"], "session");
         (client, session["data"].clone())
+    }
+
+    /// A client on an open socket, once its `session` event has arrived.
+    pub async fn from_stream(stream: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        let mut client = Self {
+            stream,
+            next_id: 0,
+            pushed: Vec::new(),
+        };
+        let session = client.recv().await;
+        assert_eq!(session["event"], "session");
+        client
+    }
+
+    /// The underlying socket, to read and write frames directly.
+    pub fn into_stream(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.stream
     }
 
     pub async fn send_raw(&mut self, text: &str) {
@@ -192,6 +211,16 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(redis: &str, key: &str, id: &str, env: &[(&str, &str)]) -> Self {
+        let fleet = [("REDIS_URL", redis), ("HERALD_REDIS_KEY", key)];
+        Self::launch(id, &[&fleet[..], env].concat())
+    }
+
+    /// One herald process serving alone, in memory.
+    pub fn alone(id: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(id, env)
+    }
+
+    fn launch(id: &str, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
         command
             .arg("serve")
@@ -202,8 +231,8 @@ impl Instance {
             .env("JWT_SECRET", SECRET)
             .env("HERALD_API_KEY", FLEET_API_KEY)
             .env("INSTANCE_ID", id)
-            .env("REDIS_URL", redis)
-            .env("HERALD_REDIS_KEY", key)
+            // Every test connects from 127.0.0.1; the tests of the limit set it.
+            .env("HERALD_IP_CONNECT_RATE", "0")
             .env("HERALD_SHUTDOWN_TIMEOUT", "3s")
             .env("RUST_LOG", "info")
             .env(
@@ -267,17 +296,19 @@ impl Instance {
         panic!("{} never became ready={want}", self.addr);
     }
 
+    /// The process's resident memory, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS line")
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_at(&self.url("/metrics"), name).await
     }
 }
 
@@ -293,12 +324,31 @@ pub fn prefix() -> String {
 }
 
 pub async fn fleet(n: usize, env: &[(&str, &str)]) -> Vec<Instance> {
-    let (redis, key) = (testsuite::redis_url(), prefix());
+    fleet_on(&testsuite::redis_url(), &prefix(), n, env).await
+}
+
+/// `n` instances on `redis` under the key prefix `key`, each ready.
+pub async fn fleet_on(redis: &str, key: &str, n: usize, env: &[(&str, &str)]) -> Vec<Instance> {
     let fleet: Vec<Instance> = (0..n)
-        .map(|i| Instance::start(&redis, &key, &format!("i{i}"), env))
+        .map(|i| Instance::start(redis, key, &format!("i{i}"), env))
         .collect();
     for instance in &fleet {
         instance.wait_ready(true).await;
     }
     fleet
+}
+
+/// The sum of every series of the Prometheus metric `name` (a prefix such as
+/// `herald_connections{`) served at `metrics_url`.
+pub async fn metric_at(metrics_url: &str, name: &str) -> f64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
