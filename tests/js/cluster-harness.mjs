@@ -4,7 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -47,6 +47,29 @@ function freshDatabase(url) {
   const fresh = new URL(url);
   fresh.pathname = `/${name}`;
   return fresh.toString();
+}
+
+/** The last lines of every log under `dir`, for a failure message. */
+function logTails(dir, lines = 15) {
+  const out = [];
+  const walk = (d) => {
+    let entries = [];
+    try {
+      entries = readdirSync(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      const file = path.join(d, e.name);
+      if (e.isDirectory() && e.name !== 'postgres' && e.name !== 'redis') walk(file);
+      else if (e.isFile() && e.name.endsWith('.log')) {
+        const tail = readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+        out.push(`--- ${path.relative(dir, file)}\n${tail}`);
+      }
+    }
+  };
+  walk(dir);
+  return out.join('\n');
 }
 
 const clusters = new Set();
@@ -105,7 +128,7 @@ export async function startCluster({ restart = false, devMode = false } = {}) {
     instancePort: (i) => basePort + i - 1,
     pid: (i) => Number.parseInt(readFileSync(path.join(dir, `herald-${i}.pid`), 'utf8'), 10),
     databaseUrl: () => readFileSync(path.join(dir, 'database_url'), 'utf8').trim(),
-    log: () => output.join(''),
+    log: () => `${output.join('')}\n${logTails(dir)}`,
     async stop() {
       clusters.delete(cluster);
       if (proc.exitCode === null && proc.signalCode === null) {
