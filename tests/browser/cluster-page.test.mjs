@@ -45,7 +45,7 @@ async function until(page, what, fn, arg) {
 const instances = (page) =>
   page.evaluate(() => [...document.querySelectorAll('.card [data-role="instance"]')].map((d) => d.textContent));
 
-test('the page through nginx: clients spread, and survive an instance stopped by hand', { timeout: 120_000 }, async () => {
+test('the page through nginx: clients spread, and survive an instance stopped by hand', { timeout: 240_000 }, async () => {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   await page.goto(`${cluster.url}/`);
   await page.locator('#mint').waitFor({ state: 'visible', timeout: WAIT_MS });

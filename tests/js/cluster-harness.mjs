@@ -27,7 +27,8 @@ function portFree(port) {
 /** A base port with `count` free consecutive ports after it. */
 async function freePorts(count) {
   for (;;) {
-    const base = 20000 + Math.floor(Math.random() * 30000);
+    // Below the ephemeral range (32768+), so that no client's own port takes it meanwhile.
+    const base = 20000 + Math.floor(Math.random() * 12000);
     let ok = true;
     for (let p = base; p < base + count && ok; p++) ok = await portFree(p);
     if (ok) return base;
@@ -148,10 +149,10 @@ export async function startCluster({ restart = false, devMode = false } = {}) {
   };
   clusters.add(cluster);
 
-  const deadline = Date.now() + 120_000;
+  const deadline = Date.now() + 180_000;
   while (!existsSync(path.join(dir, 'ready'))) {
     if (proc.exitCode !== null) throw new Error(`scripts/cluster exited early:\n${cluster.log()}`);
-    if (Date.now() > deadline) throw new Error(`the cluster is not ready after 120 s:\n${cluster.log()}`);
+    if (Date.now() > deadline) throw new Error(`the cluster is not ready after 180 s:\n${cluster.log()}`);
     await sleep(200);
   }
   return cluster;

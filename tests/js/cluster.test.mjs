@@ -221,7 +221,7 @@ function closeAll(clients) {
   for (const c of clients) c.socket.close();
 }
 
-describe('a fleet behind nginx', { timeout: 240_000 }, () => {
+describe('a fleet behind nginx', { timeout: 480_000 }, () => {
   test('kill -9 of an instance: clients reconnect elsewhere and lose nothing; its presence expires', async () => {
     const cluster = await startCluster();
     const rooms = [`cl-${rand(4)}-a`, `cl-${rand(4)}-b`];
