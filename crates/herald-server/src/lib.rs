@@ -369,12 +369,18 @@ pub async fn run(
     let (sio_layer, io) = SocketIo::builder()
         .max_payload((state.config.max_payload + 16 * 1024) as u64)
         .max_buffer_size(state.config.outbound_queue)
+        // Allocated for every websocket and grown on demand: events are small, and an idle
+        // connection should cost little (benches/bar5-idle-memory.sh).
+        .ws_read_buffer_size(1024)
         .build_layer();
     transport::sio::attach(&io, &state);
     let _ = sio_cell.set(io.clone());
 
     let app = http::app(state.clone())
         .layer(sio_layer)
+        .layer(axum::middleware::map_request(
+            transport::sio::detach_from_read_buffer,
+        ))
         .layer(http::cors(&state.config.cors_origins));
     let addr = listener
         .local_addr()

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, OriginalUri};
 use herald_core::{ConnId, Namespace, Payload, RoomKey, RoomName};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -55,8 +55,9 @@ struct Inbound {
 /// What the auth middleware leaves on the socket for its handlers.
 #[derive(Clone)]
 struct Inbox {
-    tx: mpsc::Sender<Inbound>,
-    rx: Arc<Mutex<Option<mpsc::Receiver<Inbound>>>>,
+    // Boxed: a channel allocates its first block of 32 slots up front, for every socket.
+    tx: mpsc::Sender<Box<Inbound>>,
+    rx: Arc<Mutex<Option<mpsc::Receiver<Box<Inbound>>>>>,
     identity: Identity,
     /// The socket's place under the connection caps, held by its session task.
     admission: Arc<Mutex<Option<Admission>>>,
@@ -181,11 +182,11 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
             reject(ack, ErrorCode::Unavailable, "session is not ready");
             return Ok(Queued);
         };
-        if let Err(e) = inbox.tx.try_send(Inbound {
+        if let Err(e) = inbox.tx.try_send(Box::new(Inbound {
             event,
             payload,
             ack,
-        }) {
+        })) {
             let (mpsc::error::TrySendError::Full(inbound)
             | mpsc::error::TrySendError::Closed(inbound)) = e;
             reject(
@@ -196,6 +197,40 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
         }
         Ok(Queued)
     }
+}
+
+/// Copies a Socket.IO request's URI and headers out of hyper's connection read buffer.
+///
+/// hyper parses a request without copying: the URI (and axum's `OriginalUri`) and every header
+/// value are slices of the
+/// connection's read buffer (8 KiB or more). engineioxide keeps the handshake request's parts
+/// in its socket for the socket's whole life, and with them that buffer: most of the memory an
+/// idle websocket connection held (`benches/bar5-idle-memory.sh`). Owned copies of a few
+/// hundred bytes let the buffer go as soon as the connection upgrades.
+pub async fn detach_from_read_buffer(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.uri().path().starts_with("/socket.io") {
+        return req;
+    }
+    if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
+        // axum's router stored a clone of the original as `OriginalUri`.
+        if req.extensions().get::<OriginalUri>().is_some() {
+            req.extensions_mut().insert(OriginalUri(uri.clone()));
+        }
+        *req.uri_mut() = uri;
+    }
+    let headers = std::mem::take(req.headers_mut());
+    let fresh = req.headers_mut();
+    fresh.reserve(headers.len());
+    for (name, value) in &headers {
+        let name = axum::http::HeaderName::from_bytes(name.as_str().as_bytes())
+            .unwrap_or_else(|_| name.clone());
+        let copy = axum::http::HeaderValue::from_bytes(value.as_bytes()).map(|mut v| {
+            v.set_sensitive(value.is_sensitive());
+            v
+        });
+        fresh.append(name, copy.unwrap_or_else(|_| value.clone()));
+    }
+    req
 }
 
 fn reject(ack: AckSender, code: ErrorCode, message: &str) {
@@ -253,14 +288,14 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                     () = closed.cancelled() => None,
                     () = slow.cancelled() => None,
                 };
-                let Some(Inbound {
+                let Some(inbound) = inbound else {
+                    break;
+                };
+                let Inbound {
                     event,
                     payload,
                     ack,
-                }) = inbound
-                else {
-                    break;
-                };
+                } = *inbound;
                 let reply = match payload {
                     Ok(payload) => session.handle(&event, payload).await,
                     Err(e) => {

@@ -84,7 +84,7 @@ pub async fn upgrade(
     };
     // A small read buffer: the default 128 KiB is allocated per connection, idle or not.
     ws.max_message_size(state.config.max_payload + FRAME_OVERHEAD)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .on_upgrade(move |socket| async move {
             serve(state, socket, identity, namespace).await;
             drop(admission);
