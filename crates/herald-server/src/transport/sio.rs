@@ -263,13 +263,16 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
         user: inbox.identity.user.clone(),
         sink: Sink::Sio(socket.clone()),
     });
-    let opened = Session::open(
+    // This task lives as long as the socket, and its future is as large as the largest
+    // future it awaits inline: the session's steps are boxed, so an idle socket holds only
+    // the loop's own state.
+    let opened = Box::pin(Session::open(
         state.hub.clone(),
         conn,
         namespace,
         inbox.identity.clone(),
         state.policy.clone(),
-    )
+    ))
     .await;
     match opened {
         Ok(mut session) => {
@@ -279,7 +282,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                 let inbound = tokio::select! {
                     inbound = rx.recv() => inbound,
                     Some(request) = control.recv() => {
-                        if session.apply(request).await {
+                        if Box::pin(session.apply(request)).await {
                             continue;
                         }
                         let _ = socket.clone().disconnect();
@@ -297,7 +300,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                     ack,
                 } = *inbound;
                 let reply = match payload {
-                    Ok(payload) => session.handle(&event, payload).await,
+                    Ok(payload) => Box::pin(session.handle(&event, payload)).await,
                     Err(e) => {
                         ClientError::new(ErrorCode::BadRequest, format!("unreadable payload: {e}"))
                             .to_ack()
@@ -306,12 +309,12 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                 let _ = ack.send(&reply);
             }
             // A slow consumer leaves its rooms first, so that nothing more queues up for it.
-            session.close().await;
+            Box::pin(session.close()).await;
             if slow.is_cancelled() && !closed.is_cancelled() {
                 metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "socketio")
                     .increment(1);
                 tracing::info!(sid = %socket.id, "slow consumer disconnected");
-                disconnect_slow(&socket, &closed).await;
+                Box::pin(disconnect_slow(&socket, &closed)).await;
             }
         }
         Err(e) => {
