@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use herald_server::auth;
 use herald_server::config::{Config, parse_duration};
 
+/// jemalloc rather than the system allocator: see the dependency's note in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "herald",
