@@ -19,71 +19,39 @@ use crate::codec::{self, Broadcast, Channels, StoredMessage};
 use crate::request;
 use crate::{RedisSettings, metric};
 
-/// Assigns the next offset, appends to the room's capped history and publishes, atomically,
-/// for each message of a batch in turn.
+/// Assigns the next offset, appends to the room's capped history and publishes, atomically.
 ///
-/// KEYS: the persist stream, then per message its room's offset, history stream and epoch.
-/// ARGV: history size, TTL seconds, epoch for a new history, then per message: channel, wire
-/// head, wire tail, json head, json tail, persist (1/0), namespace, publishing instance.
-/// Returns per message its offset and epoch, or -1 and the error that refused it alone. The
-/// persist stream entry carries the room's epoch, so the store keys the row by it.
+/// KEYS: offset, history stream, epoch, persist stream. ARGV: channel, wire head, wire tail,
+/// json head, json tail, history size, TTL seconds, epoch for a new history, persist (1/0),
+/// namespace, publishing instance. The persist stream entry carries the room's epoch, so the
+/// store keys the row by it.
 const PUBLISH_SCRIPT: &str = r#"
-local size = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local out = {}
-for i = 0, (#KEYS - 1) / 3 - 1 do
-  local k = 2 + 3 * i
-  local a = 4 + 8 * i
-  local ok, res = pcall(function()
-    local off = redis.call('INCR', KEYS[k])
-    if off == 1 then
-      redis.call('DEL', KEYS[k + 1])
-      redis.call('SET', KEYS[k + 2], ARGV[3])
-    end
-    local epoch = redis.call('GET', KEYS[k + 2])
-    if not epoch then
-      epoch = ARGV[3]
-      redis.call('SET', KEYS[k + 2], epoch)
-    end
-    local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
-    if size > 0 then
-      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, off .. '-1', 'm', stored)
-    end
-    if ARGV[a + 5] == '1' then
-      redis.call('XADD', KEYS[1], '*', 'ns', ARGV[a + 6], 'm', stored, 'ep', epoch, 'in', ARGV[a + 7])
-    end
-    if ttl > 0 then
-      redis.call('EXPIRE', KEYS[k], ttl)
-      redis.call('EXPIRE', KEYS[k + 1], ttl)
-      redis.call('EXPIRE', KEYS[k + 2], ttl)
-    end
-    redis.call('PUBLISH', ARGV[a], ARGV[a + 1] .. cmsgpack.pack(off) .. ARGV[a + 2])
-    return {off, epoch}
-  end)
-  if ok then
-    out[#out + 1] = res[1]
-    out[#out + 1] = res[2]
-  else
-    out[#out + 1] = -1
-    out[#out + 1] = type(res) == 'table' and tostring(res.err) or tostring(res)
-  end
+local off = redis.call('INCR', KEYS[1])
+if off == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[3], ARGV[8])
 end
-return out
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('SET', KEYS[3], epoch)
+end
+local size = tonumber(ARGV[6])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
+end
+if ARGV[9] == '1' then
+  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5], 'ep', epoch, 'in', ARGV[11])
+end
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. cmsgpack.pack(off) .. ARGV[3])
+return {off, epoch}
 "#;
-
-/// The most messages one publish script call carries.
-const MAX_BATCH: usize = 128;
-
-/// A message waiting for the publish script, and whoever awaits its offset.
-struct Pending {
-    keys: [String; 3],
-    channel: String,
-    parts: codec::MessageParts,
-    persist: bool,
-    namespace: Namespace,
-    instance: Arc<str>,
-    reply: oneshot::Sender<Result<(u64, String), BrokerError>>,
-}
 
 /// The keys of one room's offset, history and epoch. They share a hash tag, so a Redis
 /// Cluster keeps them on one slot and the publish script can touch all three.
@@ -131,8 +99,6 @@ struct Inner {
     channels: HashMap<Namespace, Channels>,
     refs: Mutex<HashMap<RoomKey, usize>>,
     subs: mpsc::UnboundedSender<SubCmd>,
-    /// Messages for the publisher task, which sends whatever has queued up as one script call.
-    publishes: mpsc::UnboundedSender<Pending>,
 }
 
 impl RedisBroker {
@@ -147,7 +113,6 @@ impl RedisBroker {
             .map(|n| (n.clone(), Channels::new(&settings.key, n)))
             .collect();
         let (subs, sub_rx) = mpsc::unbounded_channel();
-        let (publishes, publish_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             fallback: MemoryBroker::new(settings.history_size, local.clone()),
             settings,
@@ -159,10 +124,8 @@ impl RedisBroker {
             channels,
             refs: Mutex::new(HashMap::new()),
             subs,
-            publishes,
         });
         tokio::spawn(link(Arc::downgrade(&inner), sub_rx));
-        tokio::spawn(publisher(Arc::downgrade(&inner), publish_rx));
         Ok(Self { inner })
     }
 
@@ -197,28 +160,39 @@ impl Inner {
         })
     }
 
-    async fn publish(&self, publication: Publication) -> Result<Arc<Message>, BrokerError> {
+    async fn publish(
+        &self,
+        mut conn: ConnectionManager,
+        publication: Publication,
+    ) -> Result<Arc<Message>, BrokerError> {
         let channels = self.channels(&publication.key.namespace)?;
-        let keys = room_keys(&self.settings.key, &publication.key);
         let channel = channels.room(&publication.key.room);
+        let keys = room_keys(&self.settings.key, &publication.key);
         let persist = publication.persist;
         let draft = publication.at(0, "".into());
         let parts = codec::message_parts(&self.settings.uid, &draft)
             .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
         let started = Instant::now();
-        let (reply, offset) = oneshot::channel();
-        self.publishes
-            .send(Pending {
-                keys,
-                channel,
-                parts,
-                persist,
-                namespace: draft.namespace.clone(),
-                instance: draft.instance.clone().unwrap_or_else(|| "".into()),
-                reply,
-            })
-            .map_err(|_| BrokerError::Closed)?;
-        let (offset, epoch) = offset.await.map_err(|_| BrokerError::Closed)??;
+        let (offset, epoch): (u64, String) = self
+            .script
+            .key(&keys[0])
+            .key(&keys[1])
+            .key(&keys[2])
+            .key(crate::persist::stream_key(&self.settings.key))
+            .arg(channel)
+            .arg(parts.wire_head)
+            .arg(parts.wire_tail)
+            .arg(parts.json_head)
+            .arg(parts.json_tail)
+            .arg(self.settings.history_size)
+            .arg(self.settings.history_ttl.as_secs())
+            .arg(new_epoch())
+            .arg(if persist { "1" } else { "0" })
+            .arg(draft.namespace.as_str())
+            .arg(draft.instance.as_deref().unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
         metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
         metrics::histogram!(metric::BROKER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(Arc::new(Message {
@@ -226,49 +200,6 @@ impl Inner {
             epoch: epoch.into(),
             ..draft
         }))
-    }
-
-    /// Runs the publish script once for a batch and answers each message.
-    async fn publish_batch(&self, mut conn: ConnectionManager, batch: Vec<Pending>) {
-        let mut call = self.script.prepare_invoke();
-        call.key(crate::persist::stream_key(&self.settings.key))
-            .arg(self.settings.history_size)
-            .arg(self.settings.history_ttl.as_secs())
-            .arg(new_epoch());
-        for p in &batch {
-            call.key(&p.keys[0]).key(&p.keys[1]).key(&p.keys[2]);
-            call.arg(&p.channel)
-                .arg(&p.parts.wire_head)
-                .arg(&p.parts.wire_tail)
-                .arg(&p.parts.json_head)
-                .arg(&p.parts.json_tail)
-                .arg(if p.persist { "1" } else { "0" })
-                .arg(p.namespace.as_str())
-                .arg(&*p.instance);
-        }
-        metrics::histogram!(metric::BROKER_PUBLISH_BATCH).record(batch.len() as f64);
-        let replies: Result<Vec<redis::Value>, _> = call.invoke_async(&mut conn).await;
-        match replies {
-            Ok(values) => {
-                let mut values = values.into_iter();
-                for p in batch {
-                    let answer = match (values.next(), values.next()) {
-                        (Some(off), Some(epoch)) => script_answer(off, epoch),
-                        _ => Err(BrokerError::Unavailable(
-                            "the publish script answered too few messages".to_owned(),
-                        )),
-                    };
-                    let _ = p.reply.send(answer);
-                }
-            }
-            Err(e) => {
-                metrics::counter!(metric::REDIS_ERRORS).increment(1);
-                let error = e.to_string();
-                for p in batch {
-                    let _ = p.reply.send(Err(BrokerError::Unavailable(error.clone())));
-                }
-            }
-        }
     }
 
     async fn broadcast(
@@ -396,58 +327,6 @@ impl Inner {
     }
 }
 
-/// Sends every message queued for publishing, as batches of whatever arrived while the
-/// previous batch was in flight: one script call and one round trip for many publishers.
-/// Batches go out in order on one connection, so Redis assigns offsets in queue order.
-async fn publisher(inner: std::sync::Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Pending>) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        let Some(broker) = inner.upgrade() else {
-            return;
-        };
-        match broker.conn() {
-            Some(conn) => broker.publish_batch(conn, batch).await,
-            None => {
-                for p in batch {
-                    let _ = p.reply.send(Err(BrokerError::Unavailable(
-                        "redis connection lost".to_owned(),
-                    )));
-                }
-            }
-        }
-    }
-}
-
-/// One message's answer from the publish script: its offset and epoch, or why it alone was
-/// refused.
-fn script_answer(offset: redis::Value, epoch: redis::Value) -> Result<(u64, String), BrokerError> {
-    let text = |v: redis::Value| -> Option<String> {
-        match v {
-            redis::Value::BulkString(b) => String::from_utf8(b).ok(),
-            redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => Some(s),
-            _ => None,
-        }
-    };
-    match offset {
-        redis::Value::Int(off) if off > 0 => text(epoch)
-            .map(|e| (off as u64, e))
-            .ok_or_else(|| BrokerError::Unavailable("the publish script sent no epoch".to_owned())),
-        _ => {
-            metrics::counter!(metric::REDIS_ERRORS).increment(1);
-            Err(BrokerError::Unavailable(format!(
-                "the publish script refused the message: {}",
-                text(epoch).unwrap_or_default()
-            )))
-        }
-    }
-}
-
 /// A fresh epoch for a room whose history starts over.
 fn new_epoch() -> String {
     let nanos = std::time::SystemTime::now()
@@ -469,7 +348,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'_, Result<Arc<Message>, BrokerError>> {
         Box::pin(async move {
             match self.inner.conn() {
-                Some(_) => self.inner.publish(publication).await,
+                Some(conn) => self.inner.publish(conn, publication).await,
                 None => self.inner.fallback.publish(publication).await,
             }
         })

@@ -77,8 +77,6 @@ pub mod metric {
     /// room or request), and were ignored.
     pub const BROKER_DECODE_ERRORS: &str = "herald_broker_decode_errors_total";
     pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
-    /// Messages per publish script call: whatever queued while the previous call was out.
-    pub const BROKER_PUBLISH_BATCH: &str = "herald_broker_publish_batch_size";
     pub const BROKER_LATENCY: &str = "herald_cross_instance_latency_seconds";
     pub const REDIS_ERRORS: &str = "herald_redis_errors_total";
     pub const REDIS_RECONNECTS: &str = "herald_redis_reconnects_total";
