@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald_core::{HistoryQuery, Namespace, RoomKey, RoomName, UserId};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -221,34 +222,56 @@ async fn asset(Path(file): Path<String>) -> Response {
     }
 }
 
+/// What a standalone `herald worker` serves: `/health`, `/ready` (the store answers) and
+/// `/metrics` (queue length, pending, lag, batch size and latency, rows written, retries).
+pub fn worker_app(metrics: PrometheusHandle, store: Arc<dyn herald_core::Store>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route(
+            "/ready",
+            get(async move || {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
+                    Ok(Ok(())) => Json(json!({ "ready": true, "role": "worker" })).into_response(),
+                    Ok(Err(e)) => not_ready(format!("store unavailable: {e}")),
+                    Err(_) => not_ready("store unavailable: no answer within 2s".to_owned()),
+                }
+            }),
+        )
+        .route("/metrics", get(async move || prometheus_text(&metrics)))
+}
+
+fn not_ready(reason: String) -> Response {
+    let body = json!({ "ready": false, "reason": reason });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+fn prometheus_text(metrics: &PrometheusHandle) -> Response {
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (content_type, metrics.render()).into_response()
+}
+
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.is_cancelled() {
-        let body = json!({ "ready": false, "reason": "draining" });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        return not_ready("draining".to_owned());
     }
     let broker = match &state.broker_connected {
         None => "memory",
         Some(connected) if *connected.borrow() => "redis",
-        Some(_) => {
-            let body = json!({ "ready": false, "reason": "redis unavailable: serving this instance alone" });
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-        }
+        Some(_) => return not_ready("redis unavailable: serving this instance alone".to_owned()),
     };
     if let Err(e) = state.hub.store_ready().await {
-        let body = json!({ "ready": false, "reason": format!("store unavailable: {e}") });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        return not_ready(format!("store unavailable: {e}"));
     }
     Json(json!({ "ready": true, "broker": broker, "instance": state.hub.instance() }))
         .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
-    (content_type, state.metrics.render()).into_response()
+    prometheus_text(&state.metrics)
 }
 
 async fn stats(_: ApiAccess, State(state): State<Arc<AppState>>) -> Json<Value> {

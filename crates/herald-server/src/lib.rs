@@ -259,23 +259,39 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
 
 /// Runs the persist worker alone (`herald worker`) on the fleet's Redis stream until
 /// `shutdown` resolves.
-pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_worker(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let Some(url) = &config.redis_url else {
         anyhow::bail!(
             "herald worker reads the fleet's Redis persist stream: set REDIS_URL (a single instance runs its worker inside serve)"
         );
     };
-    metrics::install();
+    let handle = metrics::install();
     let store = open_store(&config).await?;
     let queue = Arc::new(RedisQueue::new(
         redis_settings(&config, url),
         &worker_id(&config),
         config.claim_idle,
     ));
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    tracing::info!(%addr, "worker listening: /health, /ready, /metrics");
+    let stopping = CancellationToken::new();
+    let server = axum::serve(listener, http::worker_app(handle, store.clone()))
+        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
     Worker::new(queue, store, worker_settings(&config))
         .run(shutdown)
         .await;
-    Ok(())
+    stopping.cancel();
+    match server.await {
+        Ok(served) => served.context("serving the worker's HTTP endpoints"),
+        Err(e) => Err(anyhow::anyhow!("the worker's HTTP task failed: {e}")),
+    }
 }
 
 /// A random alphanumeric string of `len` characters.

@@ -96,7 +96,8 @@ enum Command {
     },
     /// Apply the store's migrations (SQLite, or PostgreSQL with DATABASE_URL) and exit.
     Migrate,
-    /// Run a persist worker alone, on the fleet's Redis persist stream.
+    /// Run a persist worker alone, on the fleet's Redis persist stream; it serves /health,
+    /// /ready and /metrics on HERALD_HOST:PORT.
     Worker,
     /// Load-test running herald instances (see benches/ for ready-made scenarios).
     Bench(Box<herald_bench::BenchArgs>),
@@ -179,12 +180,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let addr = SocketAddr::new(config.host, config.port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = bind(&config).await?;
         herald_server::run(listener, config, shutdown_signal()).await
     })
+}
+
+/// The listener on `HERALD_HOST:PORT`, for `serve` and for `worker`'s endpoints.
+async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::new(config.host, config.port);
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
 }
 
 fn migrate(config: Config) -> anyhow::Result<()> {
@@ -197,7 +203,10 @@ fn migrate(config: Config) -> anyhow::Result<()> {
 fn worker(config: Config) -> anyhow::Result<()> {
     herald_server::telemetry::init(config.log_format, &config.instance_id);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(herald_server::run_worker(config, shutdown_signal()))
+    runtime.block_on(async {
+        let listener = bind(&config).await?;
+        herald_server::run_worker(listener, config, shutdown_signal()).await
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

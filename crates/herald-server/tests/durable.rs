@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{API_KEY, FLEET_API_KEY, Instance, TestServer, WsClient, fleet_on, prefix, token};
+use common::{
+    API_KEY, FLEET_API_KEY, Instance, TestServer, WsClient, fleet_on, metric_at, prefix, token,
+};
 use herald_core::{HistoryQuery, Namespace, RoomKey, RoomName, Store, testsuite};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -116,7 +118,11 @@ async fn embedded_messages_reach_sqlite_once_and_old_history_comes_from_it() {
     );
 }
 
-struct WorkerProcess(Child);
+struct WorkerProcess {
+    child: Child,
+    /// Where it serves /health, /ready and /metrics.
+    url: String,
+}
 
 impl WorkerProcess {
     fn start(redis: &str, key: &str, database: &str, id: &str) -> Self {
@@ -131,7 +137,10 @@ impl WorkerProcess {
             .env("BATCH_SIZE", "50")
             .env("BATCH_TIMEOUT", "200ms")
             .env("HERALD_CLAIM_IDLE", "1s")
+            .env("HERALD_HOST", "127.0.0.1")
+            .env("PORT", "0")
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -139,22 +148,36 @@ impl WorkerProcess {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut addr = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("persist worker started") {
-                    let _ = tx.send(());
+                if line.contains("worker listening") {
+                    addr = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .map(str::to_owned);
+                }
+                if line.contains("persist worker started")
+                    && let Some(addr) = addr.take()
+                {
+                    let _ = tx.send(addr);
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(20))
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
             .expect("worker starts within 20s");
-        Self(child)
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
     }
 }
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -261,12 +284,30 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
             .is_some_and(|pending| pending > 0)
     })
     .await;
+    // What an operator sees on the worker: not ready, and retrying.
+    let ready = reqwest::get(format!("{}/ready", doomed.url))
+        .await
+        .expect("the worker's /ready");
+    assert_eq!(
+        ready.status(),
+        503,
+        "the worker is not ready without its store"
+    );
+    eventually("the doomed worker to count retries", || async {
+        metric_at(
+            &format!("{}/metrics", doomed.url),
+            "herald_worker_retries_total",
+        )
+        .await
+            > 0.0
+    })
+    .await;
     drop(doomed); // kill -9, mid-retry, with its entries pending
 
     tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
     allow_connections(&database, true).await;
     fleet[0].wait_ready(true).await;
-    let _rescuer = WorkerProcess::start(&redis, &key, &database, "rescuer");
+    let rescuer = WorkerProcess::start(&redis, &key, &database, "rescuer");
     eventually(&format!("{total} rows"), || async {
         rows(&database, "durable").await.0 == total as i64
     })
@@ -277,6 +318,16 @@ async fn a_fleet_stores_every_message_once_through_a_killed_worker_and_a_databas
         (total as i64, total as i64),
         "exactly once"
     );
+    let metrics = format!("{}/metrics", rescuer.url);
+    assert_eq!(
+        metric_at(&metrics, "herald_rows_written_total").await,
+        total as f64,
+        "the rescuer's /metrics counts the rows it wrote"
+    );
+    let ready = reqwest::get(format!("{}/ready", rescuer.url))
+        .await
+        .expect("the worker's /ready");
+    assert_eq!(ready.status(), 200);
 
     let epoch = room_epoch(&fleet[0], "durable").await;
     let store = herald_store::PostgresStore::connect(&database)
