@@ -82,6 +82,9 @@ pub struct Config {
     /// Address to listen on.
     pub host: IpAddr,
     pub port: u16,
+    /// Connections the kernel holds for `accept` (capped by `net.core.somaxconn`). A connect
+    /// storm beyond it loses SYNs, and those clients wait a second to retry.
+    pub listen_backlog: u32,
     /// This instance's name in logs, `session` events and metrics.
     pub instance_id: String,
     /// Socket.IO namespaces served; each is its own room space.
@@ -177,6 +180,7 @@ impl Default for Config {
         Self {
             host: IpAddr::from([0, 0, 0, 0]),
             port: 3000,
+            listen_backlog: 4096,
             instance_id: default_instance_id(),
             namespaces: vec![Namespace::root()],
             auth: AuthMode::On,
@@ -223,6 +227,7 @@ impl Default for Config {
 /// `INSTANCE_ID`) are kept; everything else is `HERALD_…`.
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("PORT", "port"),
+    ("HERALD_LISTEN_BACKLOG", "listen_backlog"),
     ("HERALD_HOST", "host"),
     ("INSTANCE_ID", "instance_id"),
     ("HERALD_NAMESPACES", "namespaces"),
@@ -316,6 +321,7 @@ impl Config {
         match key {
             "host" => self.host = value.parse().map_err(|e| invalid(&e))?,
             "port" => self.port = value.parse().map_err(|e| invalid(&e))?,
+            "listen_backlog" => self.listen_backlog = value.parse().map_err(|e| invalid(&e))?,
             "instance_id" => self.instance_id = value.to_owned(),
             "namespaces" => {
                 self.namespaces = value
@@ -477,6 +483,9 @@ impl Config {
         }
         if self.drain_batch == 0 {
             return rule("HERALD_DRAIN_BATCH", "must be at least 1");
+        }
+        if self.listen_backlog == 0 {
+            return rule("HERALD_LISTEN_BACKLOG", "must be at least 1");
         }
         if self.history_size > 1_000_000 {
             return rule("HERALD_HISTORY_SIZE", "must be at most 1000000");

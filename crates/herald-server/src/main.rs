@@ -185,12 +185,25 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// The listener on `HERALD_HOST:PORT`, for `serve` and for `worker`'s endpoints.
+/// The listener on `HERALD_HOST:PORT`, for `serve` and for `worker`'s endpoints, with a
+/// backlog of `HERALD_LISTEN_BACKLOG` (tokio's `bind` asks for 128, which a few hundred
+/// clients reconnecting at once overflow).
 async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = SocketAddr::new(config.host, config.port);
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(|| format!("creating a socket for {addr}"))?;
+    socket
+        .set_reuseaddr(true)
+        .with_context(|| format!("setting SO_REUSEADDR for {addr}"))?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    socket
+        .listen(config.listen_backlog)
+        .with_context(|| format!("listening on {addr}"))
 }
 
 fn migrate(config: Config) -> anyhow::Result<()> {
