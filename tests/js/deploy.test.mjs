@@ -110,7 +110,7 @@ describe('deploy/docker-compose.yml', () => {
     const upstreams = upstreamServers(nginxConf);
     assert.equal(upstreams.length, 2, 'a sticky and a spread upstream');
     for (const servers of upstreams) assert.deepEqual([...servers].sort(), expected);
-    assert.match(nginxConf, /listen 8080;/);
+    assert.match(nginxConf, /listen 8080[ ;]/);
     for (const name of heraldServices) assert.equal(services.nginx.depends_on[name].condition, 'service_healthy');
   });
 
