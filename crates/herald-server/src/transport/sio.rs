@@ -201,12 +201,12 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
 
 /// Copies a Socket.IO request's URI and headers out of hyper's connection read buffer.
 ///
-/// hyper parses a request without copying: the URI (and axum's `OriginalUri`) and every header
-/// value are slices of the
-/// connection's read buffer (8 KiB or more). engineioxide keeps the handshake request's parts
-/// in its socket for the socket's whole life, and with them that buffer: most of the memory an
-/// idle websocket connection held (`benches/bar5-idle-memory.sh`). Owned copies of a few
-/// hundred bytes let the buffer go as soon as the connection upgrades.
+/// hyper parses a request without copying: the URI (and axum's `OriginalUri`) and every
+/// header value are slices of the connection's read buffer (8 KiB or more). engineioxide keeps
+/// the handshake request's parts in its socket for the socket's whole life, and with them that
+/// buffer: most of the memory an idle websocket connection held
+/// (`benches/bar5-idle-memory.sh`). Owned copies of a few hundred bytes let the buffer go as
+/// soon as the connection upgrades.
 pub async fn detach_from_read_buffer(mut req: axum::extract::Request) -> axum::extract::Request {
     if !req.uri().path().starts_with("/socket.io") {
         return req;
@@ -425,5 +425,83 @@ pub(crate) async fn emit_one(
             }
             Err(_) => return Err(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{Body, Bytes};
+    use axum::extract::{OriginalUri, Request};
+    use axum::http::{HeaderValue, Uri};
+
+    use super::detach_from_read_buffer;
+
+    /// A request whose URI and header values are slices of one buffer, as hyper parses them.
+    fn parsed(path: &str) -> (Bytes, Request) {
+        let buffer = Bytes::from(format!("{path}|Bearer secret|a|b"));
+        let slice = |from: usize, len: usize| buffer.slice(from..from + len);
+        let uri = Uri::from_maybe_shared(slice(0, path.len())).expect("uri");
+        let mut req = Request::builder()
+            .uri(uri.clone())
+            .body(Body::empty())
+            .expect("request");
+        req.extensions_mut().insert(OriginalUri(uri));
+        let value = |from, len| HeaderValue::from_maybe_shared(slice(from, len)).expect("value");
+        let mut auth = value(path.len() + 1, 13);
+        auth.set_sensitive(true);
+        let headers = req.headers_mut();
+        headers.insert("authorization", auth);
+        headers.append("x-many", value(path.len() + 15, 1));
+        headers.append("x-many", value(path.len() + 17, 1));
+        (buffer, req)
+    }
+
+    fn inside(buffer: &Bytes, bytes: &[u8]) -> bool {
+        let range = buffer.as_ptr_range();
+        range.contains(&bytes.as_ptr())
+    }
+
+    #[tokio::test]
+    async fn a_socket_io_request_keeps_nothing_of_the_read_buffer_and_loses_nothing() {
+        let (buffer, req) = parsed("/socket.io/?EIO=4&transport=websocket");
+        let req = detach_from_read_buffer(req).await;
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(
+            req.extensions().get::<OriginalUri>().map(|u| u.0.clone()),
+            Some(req.uri().clone())
+        );
+        let auth = &req.headers()["authorization"];
+        assert_eq!(auth, "Bearer secret");
+        assert!(auth.is_sensitive(), "sensitivity is kept");
+        let many: Vec<_> = req.headers().get_all("x-many").iter().collect();
+        assert_eq!(many, ["a", "b"], "repeated headers keep their order");
+        for value in req.headers().values() {
+            assert!(
+                !inside(&buffer, value.as_bytes()),
+                "{value:?} still points into the buffer"
+            );
+        }
+        let path = req.uri().path_and_query().expect("path").as_str();
+        assert!(
+            !inside(&buffer, path.as_bytes()),
+            "the URI still points into the buffer"
+        );
+        let original = req.extensions().get::<OriginalUri>().expect("original uri");
+        let original = original.0.path_and_query().expect("path").as_str();
+        assert!(
+            !inside(&buffer, original.as_bytes()),
+            "OriginalUri still points into the buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_requests_are_left_as_they_are() {
+        let (buffer, req) = parsed("/api/stats");
+        let req = detach_from_read_buffer(req).await;
+        let auth = &req.headers()["authorization"];
+        assert!(
+            inside(&buffer, auth.as_bytes()),
+            "not copied: nothing keeps it"
+        );
     }
 }
