@@ -8,39 +8,24 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { chromium } from 'playwright-core';
-
 import { startCluster } from '../js/cluster-harness.mjs';
-import { REPO } from './herald.mjs';
+import { OUTPUT, launchChromium, waiter } from './herald.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
-const OUTPUT = join(REPO, 'tests/browser/output');
 const WAIT_MS = 20_000;
+const until = waiter(WAIT_MS);
 
 let cluster;
 let browser;
 
 before(async () => {
   cluster = await startCluster({ devMode: true });
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
   await browser?.close();
   await cluster?.stop();
 });
-
-async function until(page, what, fn, arg) {
-  try {
-    await page.waitForFunction(fn, arg, { timeout: WAIT_MS, polling: 50 });
-  } catch (error) {
-    const log = await page.locator('#log').innerText().catch(() => '');
-    throw new Error(`timed out waiting for ${what}\npage log:\n${log}`, { cause: error });
-  }
-}
 
 const instances = (page) =>
   page.evaluate(() => [...document.querySelectorAll('.card [data-role="instance"]')].map((d) => d.textContent));

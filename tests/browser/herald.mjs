@@ -7,7 +7,43 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { chromium } from 'playwright-core';
+
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+/** Where the tests leave their screenshots. */
+export const OUTPUT = join(REPO, 'tests/browser/output');
+
+/** Headless Debian Chromium ($CHROMIUM_BIN, else /usr/bin/chromium) through playwright-core. */
+export async function launchChromium() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM_BIN ?? '/usr/bin/chromium',
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+}
+
+/**
+ * A waiter with a timeout: `until(page, what, fn, arg)` resolves once `fn(arg)` is truthy in the
+ * page, and otherwise fails naming `what`, with the page's log.
+ */
+export function waiter(timeoutMs) {
+  return async function until(page, what, fn, arg) {
+    try {
+      await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 50 });
+    } catch (error) {
+      const log = await page.locator('#log').innerText().catch(() => '');
+      throw new Error(`timed out waiting for ${what}\npage log:\n${log}`, { cause: error });
+    }
+  };
+}
 const STARTUP_TIMEOUT_MS = 20_000;
 
 /**

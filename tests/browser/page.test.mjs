@@ -8,14 +8,11 @@ import { mkdir, mkdtemp, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { chromium } from 'playwright-core';
-
 import { tmpdir } from 'node:os';
-import { REPO, startHerald, startRedis } from './herald.mjs';
+import { OUTPUT, REPO, launchChromium, startHerald, startRedis, waiter } from './herald.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
-const OUTPUT = join(REPO, 'tests/browser/output');
 const WAIT_MS = 10_000;
+const until = waiter(WAIT_MS);
 
 // The instances the page spreads its clients over, round robin: two, sharing one Redis, so
 // every test event crosses instances.
@@ -32,19 +29,7 @@ before(async () => {
   const dataDir = await mkdtemp(join(tmpdir(), 'herald-browser-fleet-'));
   const env = { REDIS_URL: redis.url, HERALD_REDIS_KEY: `page-${process.pid}-${Date.now()}` };
   for (const instanceId of INSTANCES) servers.push(await startHerald({ instanceId, env, dataDir }));
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -52,16 +37,6 @@ after(async () => {
   await Promise.all(servers.map((s) => s.stop()));
   await redis?.stop();
 });
-
-/** Waits until `fn(arg)` is truthy in the page, failing with `what` and the page's log. */
-async function until(page, what, fn, arg) {
-  try {
-    await page.waitForFunction(fn, arg, { timeout: WAIT_MS, polling: 50 });
-  } catch (error) {
-    const log = await page.locator('#log').innerText().catch(() => '');
-    throw new Error(`timed out waiting for ${what}\npage log:\n${log}`, { cause: error });
-  }
-}
 
 const card = (page, n) => page.locator(`.card[data-client="${n}"]`);
 const field = (page, n, role) => card(page, n).locator(`[data-role="${role}"]`);

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::config::AuthMode;
+use crate::limits::Refusal;
 use crate::protocol::{ClientError, DEFAULT_HISTORY_LIMIT, ErrorCode, MAX_HISTORY_LIMIT};
 
 /// Event names Socket.IO reserves, which the API refuses to emit.
@@ -83,6 +84,9 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("the server is shutting down")]
     Draining,
+    /// A connection refused at the door; the message says which limit.
+    #[error("{1}")]
+    Refused(Refusal, String),
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -97,6 +101,7 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Refused(refusal, _) => (refusal.status(), refusal.code()),
             ApiError::Client(e) => {
                 let status = match e.code {
                     ErrorCode::BadRequest | ErrorCode::InvalidRoom | ErrorCode::UnknownEvent => {

@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    API_KEY, FLEET_API_KEY, Instance, TestServer, WsClient, fleet_on, metric_at, prefix, token,
+    API_KEY, FLEET_API_KEY, Instance, TestServer, WsClient, crash_redis, fleet_on, metric_at,
+    prefix, token,
 };
 use herald_core::{HistoryQuery, Namespace, RoomKey, RoomName, Store, testsuite};
 use serde_json::{Value, json};
@@ -411,10 +412,7 @@ async fn a_redis_outage_under_traffic_loses_no_acknowledged_message() {
     })
     .await;
 
-    let stop = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "shutdown", "nosave"])
-        .status();
-    assert!(stop.is_ok(), "redis-cli must be on PATH");
+    crash_redis(port);
     for instance in &fleet {
         instance.wait_ready(false).await;
         let body = ready_body(instance).await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{FLEET_API_KEY as API_KEY, Instance, WsClient, fleet, fleet_on, prefix};
+use common::{FLEET_API_KEY as API_KEY, Instance, WsClient, crash_redis, fleet, fleet_on, prefix};
 use herald_core::testsuite;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -237,10 +237,7 @@ async fn the_fleet_recovers_by_itself_when_redis_restarts() {
     a.request(json!({"type": "join", "room": "restart"})).await;
     b.request(json!({"type": "join", "room": "restart"})).await;
 
-    let stop = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "shutdown", "nosave"])
-        .status();
-    assert!(stop.is_ok(), "redis-cli must be on PATH");
+    crash_redis(port);
     for instance in &fleet {
         instance.wait_ready(false).await;
     }

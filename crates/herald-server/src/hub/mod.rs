@@ -343,6 +343,11 @@ impl Hub {
         &self.instance
     }
 
+    /// The durable path, when `room` persists.
+    fn durable_for(&self, room: &RoomName) -> Option<&Durable> {
+        self.durable.as_ref().filter(|d| d.rooms.allows(room))
+    }
+
     /// Whether the store answers within 2 s and takes writes; `Ok` when nothing is stored.
     pub async fn store_ready(&self) -> Result<(), String> {
         let Some(durable) = &self.durable else {
@@ -586,7 +591,7 @@ impl Hub {
         from: UserId,
         data: Box<RawValue>,
     ) -> Result<Arc<Message>, ClientError> {
-        let durable = self.durable.as_ref().filter(|d| d.rooms.allows(&key.room));
+        let durable = self.durable_for(&key.room);
         if let Some(durable) = durable {
             // Refused before an offset is taken: nobody receives a message that is not kept.
             durable.queue.accepting().map_err(|e| {
@@ -659,7 +664,7 @@ impl Hub {
         else {
             return Ok(page);
         };
-        let stored = match self.durable.as_ref().filter(|d| d.rooms.allows(&key.room)) {
+        let stored = match self.durable_for(&key.room) {
             Some(durable) => durable
                 .store
                 .history(key, epoch, query)
@@ -685,7 +690,7 @@ impl Hub {
         query: HistoryQuery,
     ) -> Result<HistoryPage, ClientError> {
         let mut page = self.broker.history(key, query).await.map_err(unavailable)?;
-        let Some(durable) = &self.durable else {
+        let Some(durable) = self.durable_for(&key.room) else {
             return Ok(page);
         };
         let first_held = page
@@ -696,7 +701,7 @@ impl Hub {
             Some(since) => !page.complete && since + 1 < first_held,
             None => page.messages.len() < query.limit && first_held > 1,
         };
-        if !older_needed || !durable.rooms.allows(&key.room) {
+        if !older_needed {
             return Ok(page);
         }
         let before = query.before.map_or(first_held, |b| b.min(first_held));

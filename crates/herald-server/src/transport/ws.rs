@@ -94,12 +94,7 @@ pub async fn upgrade(
 fn refuse(state: &AppState, refusal: Refusal, ip: Option<IpAddr>) -> Response {
     refusal.count("ws");
     tracing::debug!(ip = %crate::limits::shown(ip), code = refusal.code(), "websocket connection refused");
-    let body = serde_json::json!({
-        "ok": false,
-        "error": refusal.code(),
-        "message": refusal.message(&state.limits),
-    });
-    (refusal.status(), axum::Json(body)).into_response()
+    ApiError::Refused(refusal, refusal.message(&state.limits)).into_response()
 }
 
 /// Why the server closes a connection.

@@ -338,6 +338,14 @@ pub async fn fleet_on(redis: &str, key: &str, n: usize, env: &[(&str, &str)]) ->
     fleet
 }
 
+/// Stops the Redis on `port` at once, without saving, as a crash would.
+pub fn crash_redis(port: u16) {
+    let stop = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .status();
+    assert!(stop.is_ok(), "redis-cli must be on PATH");
+}
+
 /// The sum of every series of the Prometheus metric `name` (a prefix such as
 /// `herald_connections{`) served at `metrics_url`.
 pub async fn metric_at(metrics_url: &str, name: &str) -> f64 {
