@@ -81,9 +81,9 @@ enum SubCmd {
 /// ## Liveness
 /// A pub/sub connection can die without closing (a half-open TCP connection, a proxy that
 /// stops forwarding): it would deliver nothing, forever. Every `probe_interval` the broker
-/// publishes a probe on a channel only this instance subscribes to; when the previous probe
-/// has not come back by then, the connection is presumed dead and the broker reconnects
-/// (counted in `herald_redis_pubsub_probe_failures_total`).
+/// publishes a probe on a channel only this instance subscribes to; when nothing (the probe
+/// or any other message) has arrived since the previous probe, the connection is presumed
+/// dead and the broker reconnects (counted in `herald_redis_pubsub_probe_failures_total`).
 pub struct RedisBroker {
     inner: Arc<Inner>,
 }
@@ -496,8 +496,10 @@ async fn link(inner: std::sync::Weak<Inner>, mut subs: mpsc::UnboundedReceiver<S
                         }
                         msg = stream.next() => {
                             let Some(msg) = msg else { break };
+                            // Anything that arrives proves the connection alive: under load the
+                            // probe may wait behind seconds of messages, and is not needed then.
+                            awaiting = false;
                             if msg.get_channel_name() == probe_channel {
-                                awaiting = false;
                                 continue;
                             }
                             on_message(&broker, &rooms, &mut last, msg).await;
