@@ -87,7 +87,8 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// Probe a local instance: exit 0 when GET http://127.0.0.1:$PORT<path> answers 200.
+    /// Probe a local instance: exit 0 when GET http://$HERALD_HOST:$PORT<path> answers 200
+    /// (127.0.0.1 when HERALD_HOST is 0.0.0.0 or ::).
     /// For container health checks, where no curl is installed.
     Health {
         /// `/health` (liveness) or `/ready` (readiness).
@@ -154,7 +155,14 @@ fn health(config: &Config, path: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    let addr = SocketAddr::from(([127, 0, 0, 1], config.port));
+    // An instance listening on every address answers on loopback; one bound to a single
+    // address answers there only.
+    let ip = if config.host.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        config.host
+    };
+    let addr = SocketAddr::new(ip, config.port);
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("connecting to {addr}"))?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))
