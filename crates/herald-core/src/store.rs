@@ -32,6 +32,12 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a batch; returns how many rows were new.
     fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>>;
 
+    /// How many batches it takes at once; the worker writes no more in parallel. Batches
+    /// are disjoint, so their order does not matter. One for an engine with a single writer.
+    fn concurrent_writes(&self) -> usize {
+        1
+    }
+
     /// Checks that the store answers, and where the engine can tell cheaply, that it takes
     /// writes (for readiness, and for the worker to notice a store that came back).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;

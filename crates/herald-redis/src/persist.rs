@@ -43,6 +43,8 @@ pub struct RedisQueue {
     consumer: String,
     claim_idle: Duration,
     conn: Mutex<Option<ConnectionManager>>,
+    /// When this worker last looked for entries to claim; see [`RedisQueue::claim_due`].
+    claimed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// How long a reply may take beyond a call's own blocking time before the connection is
@@ -57,7 +59,21 @@ impl RedisQueue {
             consumer: consumer.to_owned(),
             claim_idle,
             conn: Mutex::new(None),
+            claimed_at: Mutex::new(None),
         }
+    }
+
+    /// Whether to look for a dead worker's entries on this read. Entries become claimable
+    /// only after `claim_idle`, so looking every quarter of it (at most once a second) finds
+    /// them soon enough, without an XAUTOCLAIM scan of the pending list on every batch.
+    fn claim_due(&self) -> bool {
+        let every = (self.claim_idle / 4).min(Duration::from_secs(1));
+        let mut at = self.claimed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = at.is_none_or(|t| t.elapsed() >= every);
+        if due {
+            *at = Some(std::time::Instant::now());
+        }
+        due
     }
 
     /// A connection of its own: blocking reads must not stall the broker's commands.
@@ -116,6 +132,33 @@ impl RedisQueue {
         }
     }
 
+    /// Claims up to `max` entries that other consumers read and left unacknowledged for
+    /// `claim_idle`.
+    async fn claim(
+        &self,
+        conn: &mut ConnectionManager,
+        max: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let claimed: redis::RedisResult<(String, StreamEntries, Vec<String>)> = self
+            .answer(
+                Duration::ZERO,
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&self.stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(self.claim_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(max)
+                    .query_async(conn),
+            )
+            .await?;
+        match claimed {
+            Ok((_, claimed, _)) => Ok(entries(claimed)),
+            Err(e) => self.read_failed(conn, e).await,
+        }
+    }
+
     /// Turns a read error into the queue's error; a Redis that lost the group (it restarted
     /// without its data) gets it back, and the next read goes on from there.
     async fn read_failed(
@@ -170,25 +213,10 @@ impl PersistQueue for RedisQueue {
     fn read(&self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Entry>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn().await?;
-            let claimed: redis::RedisResult<(String, StreamEntries, Vec<String>)> = self
-                .answer(
-                    Duration::ZERO,
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(&self.stream)
-                        .arg(GROUP)
-                        .arg(&self.consumer)
-                        .arg(self.claim_idle.as_millis() as u64)
-                        .arg("0-0")
-                        .arg("COUNT")
-                        .arg(max)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            let (_, claimed, _) = match claimed {
-                Ok(claimed) => claimed,
-                Err(e) => return self.read_failed(&mut conn, e).await,
-            };
-            let mut batch = entries(claimed);
+            let mut batch = Vec::new();
+            if self.claim_due() {
+                batch = self.claim(&mut conn, max).await?;
+            }
             if !batch.is_empty() {
                 tracing::info!(consumer = %self.consumer, claimed = batch.len(), "claimed entries of an idle worker");
                 return Ok(batch);

@@ -1,5 +1,6 @@
-//! The PostgreSQL store: each batch is copied into a staging table with COPY, then inserted
-//! with `ON CONFLICT DO NOTHING`, in one transaction.
+//! The PostgreSQL store. Each batch is one COPY straight into `messages`, which commits on
+//! its own; a batch that meets a row already stored (a re-delivered queue entry) is instead
+//! copied into a staging table and inserted with `ON CONFLICT DO NOTHING`, in one transaction.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::{Row, sql_offset, unavailable};
 
+/// Connections to PostgreSQL: the worker's concurrent batches, plus one.
+const POOL_SIZE: usize = 4;
+
 pub struct PostgresStore {
     pool: PgPool,
 }
@@ -18,7 +22,7 @@ impl PostgresStore {
     /// Connects to `url` and migrates the database.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(POOL_SIZE as u32)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -43,8 +47,15 @@ fn csv_field(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// The batch as CSV rows for COPY: id, namespace, room, epoch, offset, sender, payload,
-/// ts (ms), instance (an unquoted empty field, which COPY reads as NULL, when unknown).
+/// The columns of [`csv`]'s rows, in order.
+const COLUMNS: &str =
+    r#"id, namespace, room, epoch, "offset", sender, payload, created_at, instance"#;
+
+/// The latest time RFC 3339 can write (9999-12-31T23:59:59.999Z), in ms since the epoch.
+const MAX_TS: i64 = 253_402_300_799_999;
+
+/// The batch as CSV rows for COPY, in [`COLUMNS`]' order: `created_at` is RFC 3339 in UTC,
+/// and `instance` is an unquoted empty field, which COPY reads as NULL, when unknown.
 fn csv(batch: &[Arc<Message>]) -> String {
     let mut out = String::with_capacity(batch.len() * 192);
     for m in batch {
@@ -61,7 +72,8 @@ fn csv(batch: &[Arc<Message>]) -> String {
         csv_field(&mut out, m.from.as_str());
         out.push(',');
         csv_field(&mut out, m.data.get());
-        let _ = write!(out, ",{},", m.ts);
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(m.ts.clamp(0, MAX_TS) as u64);
+        let _ = write!(out, ",{},", humantime::format_rfc3339_millis(at));
         if let Some(instance) = &m.instance {
             csv_field(&mut out, instance);
         }
@@ -70,37 +82,73 @@ fn csv(batch: &[Arc<Message>]) -> String {
     out
 }
 
+impl PostgresStore {
+    /// The fast path: one COPY into `messages`, atomic and committed on its own.
+    async fn copy(&self, rows: &str) -> Result<u64, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let mut copy = conn
+            .copy_in_raw(&format!(
+                "COPY messages ({COLUMNS}) FROM STDIN WITH (FORMAT csv)"
+            ))
+            .await?;
+        copy.send(rows.as_bytes()).await?;
+        copy.finish().await
+    }
+
+    /// The path for batches holding rows that are stored already: COPY into a staging table,
+    /// then insert what is new, in one transaction.
+    async fn merge(&self, rows: &str) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            r#"CREATE TEMP TABLE staging (id TEXT, namespace TEXT, room TEXT, epoch TEXT,
+               "offset" BIGINT, sender TEXT, payload TEXT, created_at TIMESTAMPTZ, instance TEXT)
+               ON COMMIT DROP"#,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let mut copy = tx
+            .copy_in_raw(&format!(
+                "COPY staging ({COLUMNS}) FROM STDIN WITH (FORMAT csv)"
+            ))
+            .await?;
+        copy.send(rows.as_bytes()).await?;
+        copy.finish().await?;
+        let written = sqlx::query(&format!(
+            r#"INSERT INTO messages ({COLUMNS})
+               SELECT id, namespace, room, epoch, "offset", sender, payload::jsonb, created_at, instance
+               FROM staging ORDER BY namespace, room, epoch, "offset"
+               ON CONFLICT DO NOTHING"#
+        ))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(written)
+    }
+}
+
+/// Whether `e` is a unique violation: the batch holds a row the table has.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "23505")
+}
+
 impl Store for PostgresStore {
     fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>> {
         let rows = csv(batch);
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
-            sqlx::query(
-                r#"CREATE TEMP TABLE staging (id TEXT, namespace TEXT, room TEXT, epoch TEXT,
-                   "offset" BIGINT, sender TEXT, payload TEXT, ts BIGINT, instance TEXT) ON COMMIT DROP"#,
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            let mut copy = tx
-                .copy_in_raw(r#"COPY staging (id, namespace, room, epoch, "offset", sender, payload, ts, instance) FROM STDIN WITH (FORMAT csv)"#)
-                .await
-                .map_err(unavailable)?;
-            copy.send(rows.as_bytes()).await.map_err(unavailable)?;
-            copy.finish().await.map_err(unavailable)?;
-            let written = sqlx::query(
-                r#"INSERT INTO messages (id, namespace, room, epoch, "offset", sender, payload, created_at, instance)
-                   SELECT id, namespace, room, epoch, "offset", sender, payload::jsonb, to_timestamp(ts / 1000.0), instance
-                   FROM staging ORDER BY namespace, room, epoch, "offset"
-                   ON CONFLICT DO NOTHING"#,
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            tx.commit().await.map_err(unavailable)?;
-            Ok(written)
+            match self.copy(&rows).await {
+                Ok(written) => Ok(written),
+                Err(e) if is_unique_violation(&e) => self.merge(&rows).await.map_err(unavailable),
+                Err(e) => Err(unavailable(e)),
+            }
         })
+    }
+
+    fn concurrent_writes(&self) -> usize {
+        // One connection stays free for history reads and pings.
+        POOL_SIZE - 1
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -20,7 +20,10 @@ use tokio::sync::{mpsc, watch};
 /// takes it.
 pub struct MemoryQueue {
     tx: mpsc::Sender<Arc<Message>>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Arc<Message>>>,
+    /// The receiver, and the batch a read has taken so far: a read that is cancelled (the
+    /// worker stopping while it waits for a batch to fill) leaves its entries here for the
+    /// next read, rather than dropping them.
+    rx: tokio::sync::Mutex<(mpsc::Receiver<Arc<Message>>, Vec<Entry>)>,
     capacity: usize,
     next: AtomicU64,
     pending: AtomicU64,
@@ -32,7 +35,7 @@ impl MemoryQueue {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         Self {
             tx,
-            rx: tokio::sync::Mutex::new(rx),
+            rx: tokio::sync::Mutex::new((rx, Vec::new())),
             capacity: capacity.max(1),
             next: AtomicU64::new(0),
             pending: AtomicU64::new(0),
@@ -53,18 +56,19 @@ impl PersistQueue for MemoryQueue {
     fn read(&self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Entry>, StoreError>> {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + wait;
-            let mut rx = self.rx.lock().await;
-            let mut entries = Vec::with_capacity(max.min(1024));
-            while entries.len() < max {
+            let mut guard = self.rx.lock().await;
+            let (rx, taken) = &mut *guard;
+            while taken.len() < max {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(message)) => {
                         let id = self.next.fetch_add(1, Ordering::Relaxed).to_string();
-                        entries.push(Entry { id, message });
+                        taken.push(Entry { id, message });
                     }
-                    Ok(None) if entries.is_empty() => return Err(StoreError::Closed),
+                    Ok(None) if taken.is_empty() => return Err(StoreError::Closed),
                     Ok(None) | Err(_) => break,
                 }
             }
+            let entries = std::mem::take(taken);
             self.pending
                 .fetch_add(entries.len() as u64, Ordering::Relaxed);
             Ok(entries)
@@ -249,6 +253,29 @@ mod tests {
         let ids: Vec<String> = read.into_iter().map(|e| e.id).collect();
         queue.ack(&ids).await.expect("ack");
         assert_eq!(queue.pending().await.expect("pending"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_cancelled_while_its_batch_fills_loses_nothing() {
+        let queue = MemoryQueue::new(8);
+        queue.push(message("e", 1)).await.expect("push");
+        queue.push(message("e", 2)).await.expect("push");
+        // The read takes both, then waits for more until it is dropped, as a stopping
+        // worker drops it.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            queue.read(10, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the read was still filling its batch");
+        queue.push(message("e", 3)).await.expect("push");
+        let read = queue.read(10, Duration::ZERO).await.expect("read");
+        let offsets: Vec<u64> = read.iter().map(|e| e.message.offset).collect();
+        assert_eq!(
+            offsets,
+            [1, 2, 3],
+            "the next read has what the cancelled one took"
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use herald_core::{Message, PersistQueue, Store};
 
 /// Metric names of the durable path.
@@ -32,6 +34,9 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
 }
 
+/// How often the queue's length and pending count are read for the gauges.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct Worker {
     queue: Arc<dyn PersistQueue>,
     store: Arc<dyn Store>,
@@ -52,18 +57,38 @@ impl Worker {
     }
 
     /// Runs until `shutdown` resolves, then stores what is still queued and returns.
+    ///
+    /// Reading goes on while batches are written: up to the store's
+    /// [`Store::concurrent_writes`] batches are in flight, each acknowledged when its own
+    /// write commits, so a store that takes batches in parallel is never left idle while
+    /// the next batch is read.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        tracing::info!(worker = %self.settings.id, batch_size = self.settings.batch_size, "persist worker started");
+        let parallel = self.store.concurrent_writes().max(1);
+        tracing::info!(worker = %self.settings.id, batch_size = self.settings.batch_size, parallel, "persist worker started");
         // A store that cannot take writes is known before the first message is acknowledged.
         self.check_store().await;
-        loop {
+        let mut writing = FuturesUnordered::new();
+        let mut reported = Instant::now();
+        'reading: loop {
+            while writing.len() >= parallel {
+                tokio::select! {
+                    _ = writing.next() => {}
+                    () = &mut shutdown => break 'reading,
+                }
+            }
             let read = self
                 .queue
                 .read(self.settings.batch_size, self.settings.batch_timeout);
-            let batch = tokio::select! {
-                batch = read => batch,
-                () = &mut shutdown => break,
+            tokio::pin!(read);
+            // Batches finishing meanwhile free their slot; the read itself is never dropped
+            // half done, except at shutdown (queues keep what a cancelled read took).
+            let batch = loop {
+                tokio::select! {
+                    batch = &mut read => break batch,
+                    Some(()) = writing.next(), if !writing.is_empty() => {}
+                    () = &mut shutdown => break 'reading,
+                }
             };
             match batch {
                 Ok(entries) if entries.is_empty() => {
@@ -72,15 +97,21 @@ impl Worker {
                         self.check_store().await;
                     }
                 }
-                Ok(entries) => self.store_batch(entries).await,
+                Ok(entries) => writing.push(self.store_batch(entries)),
                 Err(e) => {
                     tracing::warn!(worker = %self.settings.id, error = %e, "persist queue read failed");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            self.report().await;
+            if reported.elapsed() >= REPORT_INTERVAL {
+                self.report().await;
+                reported = Instant::now();
+            }
         }
+        // Batches being written are finished (and acknowledged) before the rest is drained.
+        while writing.next().await.is_some() {}
         self.drain().await;
+        self.report().await;
         tracing::info!(worker = %self.settings.id, "persist worker stopped");
     }
 

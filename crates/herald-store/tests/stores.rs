@@ -94,3 +94,118 @@ async fn postgres_migration_keeps_rows_stored_before_epochs() {
         vec![(1, "old-1".to_owned())]
     );
 }
+
+/// A PostgreSQL store that counts the writes in flight, to see the worker's parallelism.
+struct Watched {
+    inner: PostgresStore,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl Store for Watched {
+    fn write(
+        &self,
+        batch: &[Arc<herald_core::Message>],
+    ) -> herald_core::BoxFuture<'_, Result<u64, herald_core::StoreError>> {
+        use std::sync::atomic::Ordering;
+        let batch = batch.to_vec();
+        Box::pin(async move {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            // Long enough that the next batches are read while this one is written.
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            let written = self.inner.write(&batch).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(n) = &written {
+                self.written.fetch_add(*n, Ordering::SeqCst);
+            }
+            written
+        })
+    }
+
+    fn concurrent_writes(&self) -> usize {
+        self.inner.concurrent_writes()
+    }
+
+    fn ping(&self) -> herald_core::BoxFuture<'_, Result<(), herald_core::StoreError>> {
+        self.inner.ping()
+    }
+
+    fn history(
+        &self,
+        key: &herald_core::RoomKey,
+        epoch: &str,
+        query: herald_core::HistoryQuery,
+    ) -> herald_core::BoxFuture<'_, Result<Vec<Arc<herald_core::Message>>, herald_core::StoreError>>
+    {
+        self.inner.history(key, epoch, query)
+    }
+}
+
+#[tokio::test]
+async fn the_worker_writes_postgres_batches_in_parallel_and_stores_each_message_once() {
+    use herald_core::PersistQueue;
+    use std::sync::atomic::Ordering;
+    const N: u64 = 2_000;
+    let url = testing::postgres_url().await;
+    let store = Arc::new(Watched {
+        inner: PostgresStore::connect(&url).await.expect("postgres"),
+        in_flight: Default::default(),
+        most: Default::default(),
+        written: Default::default(),
+    });
+    let queue = Arc::new(herald_store::MemoryQueue::new(N as usize));
+    let key = herald_core::testsuite::key("parallel");
+    for offset in 1..=N {
+        let mut publication = herald_core::testsuite::publication(&key, &offset.to_string());
+        publication.ts = 1_700_000_000_000;
+        queue
+            .push(Arc::new(publication.at(offset, "e".into())))
+            .await
+            .expect("push");
+    }
+    let settings = herald_store::WorkerSettings {
+        id: "parallel".into(),
+        batch_size: 100,
+        batch_timeout: std::time::Duration::from_millis(20),
+        max_backoff: std::time::Duration::from_secs(1),
+    };
+    let watched = store.clone();
+    let all_written = async move {
+        while watched.written.load(Ordering::SeqCst) < N {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        herald_store::Worker::new(queue.clone(), store.clone(), settings).run(all_written),
+    )
+    .await
+    .expect("the worker stores everything within 60 s");
+    let most = store.most.load(Ordering::SeqCst);
+    assert!(
+        most > 1 && most <= store.concurrent_writes(),
+        "{most} batches in flight at most; PostgreSQL takes {}",
+        store.concurrent_writes()
+    );
+    let rows = store
+        .history(
+            &key,
+            "e",
+            herald_core::HistoryQuery {
+                since: Some(0),
+                before: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .expect("history");
+    let offsets: Vec<u64> = rows.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, (1..=N).collect::<Vec<_>>(), "every message once");
+    assert_eq!(
+        queue.pending().await.expect("pending"),
+        0,
+        "all acknowledged"
+    );
+}
