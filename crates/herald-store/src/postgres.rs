@@ -38,12 +38,13 @@ impl PostgresStore {
 /// Appends `value` as one CSV field.
 fn csv_field(out: &mut String, value: &str) {
     out.push('"');
-    for c in value.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
+    let mut rest = value;
+    while let Some(quote) = rest.find('"') {
+        out.push_str(&rest[..=quote]);
+        out.push('"');
+        rest = &rest[quote + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
