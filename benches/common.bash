@@ -237,3 +237,43 @@ run_sharded() {
   "$HERALD_BIN" bench --merge "$(join_by , "${files[@]}")" --label "$label" --report lines \
     "${out[@]}" "$@" "${extra[@]}"
 }
+
+pg_bin() { command -v "$1" 2>/dev/null || ls /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | tail -n 1; }
+
+# start_postgres: exports DATABASE_URL for a fresh database, on DATABASE_URL's server when
+# set, else on a private PostgreSQL (initdb into the work directory; fsync off, since a bench
+# measures herald rather than the disk).
+start_postgres() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    PG_BASE=${DATABASE_URL%/*}
+    PG_ADMIN=$DATABASE_URL
+  else
+    PG_DIR="$WORK/pg"
+    chmod 711 "$WORK"
+    mkdir -p "$PG_DIR"
+    PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    AS=()
+    if [ "$(id -u)" = 0 ]; then chown -R postgres "$PG_DIR"; AS=(runuser -u postgres --); fi
+    "${AS[@]}" "$(pg_bin initdb)" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
+    "${AS[@]}" "$(pg_bin postgres)" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR" \
+      -c listen_addresses=127.0.0.1 -c fsync=off >/dev/null 2>&1 &
+    STARTED+=("$!")
+    for _ in $(seq 1 100); do psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'select 1' postgres >/dev/null 2>&1 && break; sleep 0.1; done
+    PG_BASE="postgres://postgres@127.0.0.1:$PG_PORT"
+    PG_ADMIN="$PG_BASE/postgres"
+  fi
+  DB="herald_bench_$$"
+  psql "$PG_ADMIN" -qc "CREATE DATABASE $DB" >/dev/null
+  export DATABASE_URL="$PG_BASE/$DB"
+}
+
+# wait_rows N: waits (up to 60 s) until the messages table holds at least N rows; prints the count.
+wait_rows() {
+  local rows=0
+  for _ in $(seq 1 600); do
+    rows=$(psql "$DATABASE_URL" -tAc "select count(*) from messages")
+    [ "$rows" -ge "$1" ] && break
+    sleep 0.1
+  done
+  echo "$rows"
+}
