@@ -111,7 +111,6 @@ impl Worker {
         // Batches being written are finished (and acknowledged) before the rest is drained.
         while writing.next().await.is_some() {}
         self.drain().await;
-        self.report().await;
         tracing::info!(worker = %self.settings.id, "persist worker stopped");
     }
 
