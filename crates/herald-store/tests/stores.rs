@@ -95,6 +95,37 @@ async fn postgres_migration_keeps_rows_stored_before_epochs() {
     );
 }
 
+#[tokio::test]
+async fn postgres_retention_by_time_is_served_by_the_created_at_index() {
+    use sqlx::Connection;
+    let url = testing::postgres_url().await;
+    drop(PostgresStore::connect(&url).await.expect("migrates"));
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("postgres");
+    // The test table is small; without this the planner would read it whole either way.
+    sqlx::raw_sql("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("set");
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN DELETE FROM messages WHERE created_at < now() - interval '30 days'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("explain");
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Bitmap Index Scan on messages_created_at"),
+        "a retention delete should use the created_at index:\n{plan}"
+    );
+    let method: String = sqlx::query_scalar(
+        "SELECT am.amname::text FROM pg_class c JOIN pg_am am ON am.oid = c.relam WHERE c.relname = 'messages_created_at'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("index");
+    assert_eq!(method, "brin", "the time index costs little per insert");
+}
+
 /// A PostgreSQL store that counts the writes in flight, to see the worker's parallelism.
 struct Watched {
     inner: PostgresStore,
