@@ -7,6 +7,8 @@
 #
 #   benches/persist-throughput.sh [--smoke]
 #
+# PERSIST_API_BATCH=N: 8 publishers POST batches of N messages to /api/publish instead (a
+# backend publishing in bulk); the 100 clients only receive.
 # Uses DATABASE_URL's server when set (a fresh database is created in it), else a private
 # PostgreSQL (initdb into a temporary directory). BATCH_SIZE defaults to 1000 here.
 # --smoke: 1,000 messages; fails on any loss or duplicate.
@@ -16,6 +18,12 @@ source "$(dirname "$0")/common.bash"
 raise_nofile 20000
 start_postgres
 export BATCH_SIZE=${BATCH_SIZE:-1000} BATCH_TIMEOUT=${BATCH_TIMEOUT:-100ms}
+
+senders=(--senders 100)
+if [ -n "${PERSIST_API_BATCH:-}" ]; then
+  export HERALD_API_KEY=${HERALD_API_KEY:-bench-api-key-$RANDOM-$RANDOM}
+  senders=(--senders 8 --api-batch "$PERSIST_API_BATCH" --api-key "$HERALD_API_KEY")
+fi
 
 start_redis
 start_herald a
@@ -28,7 +36,7 @@ fi
 started=$(date +%s.%N)
 # Not --strict: publishes still in flight when the run ends are neither acked nor stored, and
 # the check below compares the table with the acked messages.
-report=$(run_bench persist --clients 100 --rooms 100 --members 1 --senders 100 --rate "$rate" \
+report=$(run_bench persist --clients 100 --rooms 100 --members 1 "${senders[@]}" --rate "$rate" \
   --duration "$duration" --connect-concurrency 100 || true)
 echo "$report"
 acked=$(sed -n 's/.* \([0-9]*\) acked ok.*/\1/p' <<<"$report" | head -n 1)

@@ -109,6 +109,14 @@ pub struct BenchArgs {
     /// Where Socket.IO clients put their token.
     #[arg(long, value_enum, default_value = "auth")]
     pub token_in: TokenIn,
+    /// Publish through `POST /api/publish` in batches of this many messages instead of over
+    /// the clients' sockets: --senders HTTP publishers share --rate, and the clients only
+    /// receive. 0 (the default) publishes over the sockets.
+    #[arg(long, default_value_t = 0)]
+    pub api_batch: usize,
+    /// The API key for --api-batch (default: env HERALD_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
     /// Publishes awaiting their ack per sender before further sends are skipped.
     #[arg(long, default_value_t = 1000)]
     pub max_inflight: usize,

@@ -15,6 +15,7 @@
 //!   combined.
 
 pub mod accounting;
+pub mod api;
 pub mod args;
 pub mod chart;
 pub mod client;

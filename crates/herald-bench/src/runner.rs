@@ -25,6 +25,45 @@ use crate::report::{
     Scenario, SeriesPoint,
 };
 
+/// An HTTP publisher's task; it ends with (room, offset) of every message it got acked.
+type ApiPublisher = tokio::task::JoinHandle<Vec<(u32, u64)>>;
+
+/// Starts `senders` HTTP publishers for --api-batch, spread over the URLs and the rooms; they
+/// wait for the sending phase.
+fn api_publishers(
+    args: &BenchArgs,
+    ctx: &Arc<Ctx>,
+    senders: usize,
+    rooms: usize,
+) -> anyhow::Result<Vec<ApiPublisher>> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(senders)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("HERALD_API_KEY").ok());
+    let interval = Duration::from_secs_f64(args.api_batch as f64 * senders as f64 / args.rate);
+    Ok((0..senders)
+        .map(|i| {
+            let publisher = crate::api::Publisher {
+                id: args.clients + i,
+                base: args.url[i % args.url.len()]
+                    .trim_end_matches('/')
+                    .to_owned(),
+                key: key.clone(),
+                batch: args.api_batch,
+                interval,
+                first_room: i * rooms / senders,
+            };
+            let (ctx, http) = (ctx.clone(), http.clone());
+            tokio::spawn(async move { crate::api::run(&ctx, http, publisher).await })
+        })
+        .collect())
+}
+
 /// Runs `herald bench` (or merges shards' results) and prints its report; fails when a
 /// check fails.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -342,6 +381,11 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
     if senders > 0 && !(args.rate > 0.0 && args.rate.is_finite()) {
         bail!("--rate must be a positive number of messages per second");
     }
+    // With --api-batch the senders are HTTP publishers and the clients only receive.
+    let api = args.api_batch > 0 && senders > 0;
+    if api && args.count.is_some() {
+        bail!("--count applies to socket senders, not to --api-batch publishers");
+    }
     let tag = run_tag();
     let prefix = args
         .room_prefix
@@ -352,7 +396,7 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
             clients: args.clients,
             rooms,
             members,
-            senders,
+            senders: if api { 0 } else { senders },
             urls: args.url.len(),
         },
         &prefix,
@@ -422,6 +466,11 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
     });
     let stats = &ctx.stats;
     let mut watched = Watched::new(args);
+    let publishers = if api {
+        api_publishers(args, &ctx, senders, rooms)?
+    } else {
+        Vec::new()
+    };
 
     // Connect and join.
     let start = watched.snapshot();
@@ -515,7 +564,7 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
         Duration::from_secs(1),
     );
     let (send_seconds, delivered_in_window, drain_seconds);
-    if idle || senders == 0 {
+    if idle || (senders == 0 && !api) {
         while run_start.elapsed() < args.duration {
             ticker.tick().await;
             record_tick(
@@ -598,7 +647,21 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
     }
     ctx.recorder.drain(&mut total);
 
-    let acked = acked_sets(rooms, outcomes.iter().flat_map(|o| o.acked.iter().copied()));
+    let mut api_acked = Vec::new();
+    for publisher in publishers {
+        match tokio::time::timeout_at(deadline, publisher).await {
+            Ok(Ok(acked)) => api_acked.extend(acked),
+            Ok(Err(e)) => bail!("an API publisher failed: {e}"),
+            Err(_) => bail!("API publishers did not finish within 10 s of the end of the run"),
+        }
+    }
+    let acked = acked_sets(
+        rooms,
+        outcomes
+            .iter()
+            .flat_map(|o| o.acked.iter().copied())
+            .chain(api_acked),
+    );
     let tally = reconcile(&acked, outcomes.iter().map(|o| &o.ledger));
     let unacked: u64 = outcomes.iter().map(|o| o.unacked).sum();
 
@@ -617,7 +680,7 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
         .and_then(|h| h.as_ref().map(|h| (percentiles(h), to_pairs(h))))
         .unwrap_or_default();
     let cross = (args.url.len() > 1 && !idle).then(|| percentiles(&total.cross));
-    let own = (!idle && senders > 0).then(|| percentiles(&total.own));
+    let own = (!idle && senders > 0 && !api).then(|| percentiles(&total.own));
 
     let processes: Vec<ProcReport> = watched
         .targets

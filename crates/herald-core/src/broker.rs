@@ -117,6 +117,22 @@ pub trait Broker: Send + Sync + 'static {
     fn publish(&self, publication: Publication)
     -> BoxFuture<'_, Result<Arc<Message>, BrokerError>>;
 
+    /// Publishes several messages in order, each as [`Broker::publish`] would: offsets are
+    /// assigned in the batch's order, and each message succeeds or fails alone (the answers
+    /// come in the same order). A broker that can do it in one round trip overrides this.
+    fn publish_batch(
+        &self,
+        publications: Vec<Publication>,
+    ) -> BoxFuture<'_, Vec<Result<Arc<Message>, BrokerError>>> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(publications.len());
+            for publication in publications {
+                answers.push(self.publish(publication).await);
+            }
+            answers
+        })
+    }
+
     /// Delivers a presence change to every subscribed instance, without recording it.
     fn publish_presence(
         &self,

@@ -53,6 +53,60 @@ redis.call('PUBLISH', ARGV[1], ARGV[2] .. cmsgpack.pack(off) .. ARGV[3])
 return {off, epoch}
 "#;
 
+/// [`PUBLISH_SCRIPT`] for several messages in turn, in one call: the HTTP API's batches.
+///
+/// KEYS: the persist stream, then per message its room's offset, history stream and epoch.
+/// ARGV: history size, TTL seconds, epoch for a new history, then per message: channel, wire
+/// head, wire tail, json head, json tail, persist (1/0), namespace, publishing instance.
+/// Returns per message its offset and epoch, or -1 and the error that refused it alone.
+const PUBLISH_BATCH_SCRIPT: &str = r#"
+local size = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local out = {}
+for i = 0, (#KEYS - 1) / 3 - 1 do
+  local k = 2 + 3 * i
+  local a = 4 + 8 * i
+  local ok, res = pcall(function()
+    local off = redis.call('INCR', KEYS[k])
+    if off == 1 then
+      redis.call('DEL', KEYS[k + 1])
+      redis.call('SET', KEYS[k + 2], ARGV[3])
+    end
+    local epoch = redis.call('GET', KEYS[k + 2])
+    if not epoch then
+      epoch = ARGV[3]
+      redis.call('SET', KEYS[k + 2], epoch)
+    end
+    local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
+    if size > 0 then
+      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, off .. '-1', 'm', stored)
+    end
+    if ARGV[a + 5] == '1' then
+      redis.call('XADD', KEYS[1], '*', 'ns', ARGV[a + 6], 'm', stored, 'ep', epoch, 'in', ARGV[a + 7])
+    end
+    if ttl > 0 then
+      redis.call('EXPIRE', KEYS[k], ttl)
+      redis.call('EXPIRE', KEYS[k + 1], ttl)
+      redis.call('EXPIRE', KEYS[k + 2], ttl)
+    end
+    redis.call('PUBLISH', ARGV[a], ARGV[a + 1] .. cmsgpack.pack(off) .. ARGV[a + 2])
+    return {off, epoch}
+  end)
+  if ok then
+    out[#out + 1] = res[1]
+    out[#out + 1] = res[2]
+  else
+    out[#out + 1] = -1
+    out[#out + 1] = type(res) == 'table' and tostring(res.err) or tostring(res)
+  end
+end
+return out
+"#;
+
+/// The most messages one call of [`PUBLISH_BATCH_SCRIPT`] carries, so that one call keeps
+/// Redis busy for a few milliseconds at most.
+const MAX_SCRIPT_BATCH: usize = 128;
+
 /// The keys of one room's offset, history and epoch. They share a hash tag, so a Redis
 /// Cluster keeps them on one slot and the publish script can touch all three.
 fn room_keys(prefix: &str, key: &RoomKey) -> [String; 3] {
@@ -94,6 +148,7 @@ struct Inner {
     conn: RwLock<Option<ConnectionManager>>,
     connected: watch::Sender<bool>,
     script: redis::Script,
+    batch_script: redis::Script,
     fallback: MemoryBroker,
     local: Arc<dyn LocalNode>,
     channels: HashMap<Namespace, Channels>,
@@ -120,6 +175,7 @@ impl RedisBroker {
             conn: RwLock::new(None),
             connected: watch::Sender::new(false),
             script: redis::Script::new(PUBLISH_SCRIPT),
+            batch_script: redis::Script::new(PUBLISH_BATCH_SCRIPT),
             local,
             channels,
             refs: Mutex::new(HashMap::new()),
@@ -200,6 +256,93 @@ impl Inner {
             epoch: epoch.into(),
             ..draft
         }))
+    }
+
+    /// Publishes up to [`MAX_SCRIPT_BATCH`] messages with one script call; the answers come
+    /// in the same order.
+    async fn publish_chunk(
+        &self,
+        mut conn: ConnectionManager,
+        publications: Vec<Publication>,
+    ) -> Vec<Result<Arc<Message>, BrokerError>> {
+        let mut answers: Vec<Option<Result<Arc<Message>, BrokerError>>> =
+            publications.iter().map(|_| None).collect();
+        let mut sent = Vec::with_capacity(publications.len());
+        let mut call = self.batch_script.prepare_invoke();
+        call.key(crate::persist::stream_key(&self.settings.key))
+            .arg(self.settings.history_size)
+            .arg(self.settings.history_ttl.as_secs())
+            .arg(new_epoch());
+        for (i, publication) in publications.into_iter().enumerate() {
+            let channel = match self.channels(&publication.key.namespace) {
+                Ok(channels) => channels.room(&publication.key.room),
+                Err(e) => {
+                    answers[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            let persist = publication.persist;
+            let keys = room_keys(&self.settings.key, &publication.key);
+            let draft = publication.at(0, "".into());
+            let parts = match codec::message_parts(&self.settings.uid, &draft) {
+                Ok(parts) => parts,
+                Err(e) => {
+                    answers[i] = Some(Err(BrokerError::Unavailable(format!(
+                        "cannot encode message: {e}"
+                    ))));
+                    continue;
+                }
+            };
+            for key in &keys {
+                call.key(key);
+            }
+            call.arg(channel)
+                .arg(parts.wire_head)
+                .arg(parts.wire_tail)
+                .arg(parts.json_head)
+                .arg(parts.json_tail)
+                .arg(if persist { "1" } else { "0" })
+                .arg(draft.namespace.as_str())
+                .arg(draft.instance.as_deref().unwrap_or_default());
+            sent.push((i, draft));
+        }
+        if !sent.is_empty() {
+            let started = Instant::now();
+            let replies: Result<Vec<redis::Value>, _> = call.invoke_async(&mut conn).await;
+            metrics::histogram!(metric::BROKER_PUBLISH_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            match replies {
+                Ok(values) => {
+                    let mut values = values.into_iter();
+                    for (i, draft) in sent {
+                        let answer = match (values.next(), values.next()) {
+                            (Some(offset), Some(epoch)) => script_answer(offset, epoch),
+                            _ => Err(BrokerError::Unavailable(
+                                "the publish script answered too few messages".to_owned(),
+                            )),
+                        };
+                        answers[i] = Some(answer.map(|(offset, epoch)| {
+                            metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
+                            Arc::new(Message {
+                                offset,
+                                epoch: epoch.into(),
+                                ..draft
+                            })
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let error = redis_error(e);
+                    for (i, _) in sent {
+                        answers[i] = Some(Err(BrokerError::Unavailable(error.to_string())));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Err(BrokerError::Closed)))
+            .collect()
     }
 
     async fn broadcast(
@@ -336,6 +479,30 @@ fn new_epoch() -> String {
     format!("{nanos:x}")
 }
 
+/// One message's answer from the batch script: its offset and epoch, or why it alone was
+/// refused.
+fn script_answer(offset: redis::Value, epoch: redis::Value) -> Result<(u64, String), BrokerError> {
+    let text = |v: redis::Value| -> Option<String> {
+        match v {
+            redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+            redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => Some(s),
+            _ => None,
+        }
+    };
+    match offset {
+        redis::Value::Int(off) if off > 0 => text(epoch)
+            .map(|e| (off as u64, e))
+            .ok_or_else(|| BrokerError::Unavailable("the publish script sent no epoch".to_owned())),
+        _ => {
+            metrics::counter!(metric::REDIS_ERRORS).increment(1);
+            Err(BrokerError::Unavailable(format!(
+                "the publish script refused the message: {}",
+                text(epoch).unwrap_or_default()
+            )))
+        }
+    }
+}
+
 fn redis_error(e: redis::RedisError) -> BrokerError {
     metrics::counter!(metric::REDIS_ERRORS).increment(1);
     BrokerError::Unavailable(e.to_string())
@@ -351,6 +518,28 @@ impl Broker for RedisBroker {
                 Some(conn) => self.inner.publish(conn, publication).await,
                 None => self.inner.fallback.publish(publication).await,
             }
+        })
+    }
+
+    fn publish_batch(
+        &self,
+        publications: Vec<Publication>,
+    ) -> BoxFuture<'_, Vec<Result<Arc<Message>, BrokerError>>> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(publications.len());
+            let mut rest = publications.into_iter().peekable();
+            while rest.peek().is_some() {
+                let chunk: Vec<Publication> = rest.by_ref().take(MAX_SCRIPT_BATCH).collect();
+                match self.inner.conn() {
+                    Some(conn) => answers.extend(self.inner.publish_chunk(conn, chunk).await),
+                    None => {
+                        for publication in chunk {
+                            answers.push(self.inner.fallback.publish(publication).await);
+                        }
+                    }
+                }
+            }
+            answers
         })
     }
 

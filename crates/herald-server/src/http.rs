@@ -37,7 +37,7 @@ const RESERVED_EVENTS: &[&str] = &[
 pub fn app(state: Arc<AppState>) -> Router {
     // The API reads whole bodies up to the payload limit plus room for the envelope; beyond
     // that it stops reading and answers 413 `payload_too_large`.
-    let body_limit = DefaultBodyLimit::max(api_body_limit(&state));
+    let body_limit = DefaultBodyLimit::max(api_body_limit(&state).max(MAX_BATCH_BODY));
     Router::new()
         .route("/", get(index))
         .route("/assets/{file}", get(asset))
@@ -297,52 +297,65 @@ struct PublishRequest {
     data: Option<Box<RawValue>>,
     from: Option<String>,
     namespace: Option<String>,
+    /// A batch: `[{room, data, from?}, …]`, published in order.
+    messages: Option<Vec<BatchItem>>,
 }
+
+/// One message of a batch publish.
+#[derive(Deserialize)]
+struct BatchItem {
+    room: String,
+    data: Option<Box<RawValue>>,
+    from: Option<String>,
+}
+
+/// The most messages one `POST /api/publish` batch may carry.
+pub const MAX_BATCH_MESSAGES: usize = 1000;
+
+/// The largest body of a batch publish (each message's data stays within
+/// `HERALD_MAX_PAYLOAD`).
+pub const MAX_BATCH_BODY: usize = 4 * 1024 * 1024;
 
 fn api_body_limit(state: &AppState) -> usize {
     state.config.max_payload + 16 * 1024
 }
 
 /// `POST /api/publish`: `{room, data}` publishes a message; `{room|user, event, data}` emits an
-/// event that is not recorded.
+/// event that is not recorded; `{messages: [{room, data, from?}, …]}` publishes a batch.
 async fn publish(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = api_body_limit(&state);
     let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge(limit),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::BodyTooLarge(api_body_limit(&state).max(MAX_BATCH_BODY))
+        }
         _ => ApiError::BadRequest(e.body_text()),
     })?;
-    if body.len() > limit {
-        return Err(ApiError::TooLarge(body.len(), limit));
-    }
     let request: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     let namespace = namespace(&state, request.namespace.as_deref())?;
-    let data = match request.data {
-        Some(data) => data,
-        None => {
-            RawValue::from_string("null".into()).map_err(|e| ApiError::BadRequest(e.to_string()))?
+    if let Some(messages) = request.messages {
+        if request.room.is_some() || request.user.is_some() || request.event.is_some() {
+            return Err(ApiError::BadRequest(
+                "a batch carries room, data and from in each of its messages".into(),
+            ));
         }
-    };
-    if data.get().len() > state.config.max_payload {
-        return Err(ApiError::TooLarge(
-            data.get().len(),
-            state.config.max_payload,
-        ));
+        return publish_batch(&state, namespace, messages).await;
     }
+    let limit = api_body_limit(&state);
+    if body.len() > limit {
+        return Err(ApiError::TooLarge(body.len(), limit));
+    }
+    let data = payload(&state, request.data)?;
     let Some(event) = request.event else {
         let room = request
             .room
             .ok_or_else(|| ApiError::BadRequest("room is required".into()))?;
         let key = RoomKey::new(namespace, room_name(&room)?);
-        let from = request.from.unwrap_or_else(|| "api".into());
-        if from.is_empty() || from.len() > 128 {
-            return Err(ApiError::BadRequest("from must be 1 to 128 bytes".into()));
-        }
-        let message = state.hub.publish(key, UserId::new(from), data).await?;
+        let from = sender(request.from)?;
+        let message = state.hub.publish(key, from, data).await?;
         return Ok(Json(
             json!({ "ok": true, "id": message.id, "offset": message.offset, "epoch": &*message.epoch }),
         ));
@@ -428,6 +441,87 @@ async fn room_history(
         "offset": page.position.offset,
         "epoch": &*page.position.epoch,
     })))
+}
+
+/// A message's data (`null` when absent), within `HERALD_MAX_PAYLOAD`.
+fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue>, ApiError> {
+    let data = match data {
+        Some(data) => data,
+        None => {
+            RawValue::from_string("null".into()).map_err(|e| ApiError::BadRequest(e.to_string()))?
+        }
+    };
+    if data.get().len() > state.config.max_payload {
+        return Err(ApiError::TooLarge(
+            data.get().len(),
+            state.config.max_payload,
+        ));
+    }
+    Ok(data)
+}
+
+/// The sender a published message names: `from`, or `api`.
+fn sender(from: Option<String>) -> Result<UserId, ApiError> {
+    let from = from.unwrap_or_else(|| "api".into());
+    if from.is_empty() || from.len() > 128 {
+        return Err(ApiError::BadRequest("from must be 1 to 128 bytes".into()));
+    }
+    Ok(UserId::new(from))
+}
+
+/// Publishes a batch in order. Each message is answered alone, in the batch's order: a
+/// message that is invalid or refused does not hold back the others.
+async fn publish_batch(
+    state: &AppState,
+    namespace: Namespace,
+    messages: Vec<BatchItem>,
+) -> Result<Json<Value>, ApiError> {
+    if messages.is_empty() || messages.len() > MAX_BATCH_MESSAGES {
+        return Err(ApiError::BadRequest(format!(
+            "a batch holds 1 to {MAX_BATCH_MESSAGES} messages, not {}",
+            messages.len()
+        )));
+    }
+    let mut answers: Vec<Option<Value>> = messages.iter().map(|_| None).collect();
+    let mut items = Vec::with_capacity(messages.len());
+    let mut slots = Vec::with_capacity(messages.len());
+    for (i, item) in messages.into_iter().enumerate() {
+        let valid = room_name(&item.room).and_then(|room| {
+            Ok((
+                RoomKey::new(namespace.clone(), room),
+                sender(item.from)?,
+                payload(state, item.data)?,
+            ))
+        });
+        match valid {
+            Ok(item) => {
+                slots.push(i);
+                items.push(item);
+            }
+            Err(e) => answers[i] = Some(refusal(&e)),
+        }
+    }
+    for (i, result) in slots.into_iter().zip(state.hub.publish_batch(items).await) {
+        answers[i] = Some(match result {
+            Ok(message) => json!({
+                "ok": true,
+                "id": message.id,
+                "offset": message.offset,
+                "epoch": &*message.epoch,
+            }),
+            Err(e) => refusal(&ApiError::Client(e)),
+        });
+    }
+    let results: Vec<Value> = answers.into_iter().flatten().collect();
+    let published = results.iter().filter(|r| r["ok"] == true).count();
+    Ok(Json(
+        json!({ "ok": true, "published": published, "results": results }),
+    ))
+}
+
+/// One batch message's refusal, in the API's error shape.
+fn refusal(e: &ApiError) -> Value {
+    json!({ "ok": false, "error": e.status_and_code().1, "message": e.to_string() })
 }
 
 fn room_name(room: &str) -> Result<RoomName, ApiError> {

@@ -683,3 +683,70 @@ async fn an_embedded_store_that_stops_taking_writes_fails_acks_until_it_takes_th
         (1..=acked as i64).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_published_through_redis_reaches_every_instance_in_order_and_postgres_once() {
+    let database = herald_store::testing::postgres_url().await;
+    let (redis, port) = testsuite::start_redis();
+    testsuite::wait_for_port(port);
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("BATCH_TIMEOUT", "200ms"),
+    ];
+    let fleet = fleet_on(&redis, &prefix(), 2, &env).await;
+    let mut far = fleet[1].client("far").await;
+    for room in ["bulk-a", "bulk-b"] {
+        let ack = far.request(json!({"type": "join", "room": room})).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+    // More messages than one script call carries, in two rooms, with a refusal inside.
+    let mut messages: Vec<Value> = (0..300)
+        .map(|n| json!({"room": if n % 3 == 0 { "bulk-b" } else { "bulk-a" }, "data": {"n": n}}))
+        .collect();
+    messages.insert(150, json!({"room": "bad room!", "data": null}));
+    let body: Value = reqwest::Client::new()
+        .post(fleet[0].url("/api/publish"))
+        .bearer_auth(FLEET_API_KEY)
+        .json(&json!({ "messages": messages }))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 301);
+    assert_eq!(results[150]["error"], "invalid_room", "{}", results[150]);
+    assert_eq!(body["published"], 300);
+    let offsets = |room: &str| -> Vec<u64> {
+        messages
+            .iter()
+            .zip(results)
+            .filter(|(m, r)| m["room"] == room && r["ok"] == true)
+            .map(|(_, r)| r["offset"].as_u64().expect("offset"))
+            .collect()
+    };
+    assert_eq!(offsets("bulk-a"), (1..=200).collect::<Vec<_>>());
+    assert_eq!(offsets("bulk-b"), (1..=100).collect::<Vec<_>>());
+    // The other instance delivers each room's messages in the batch's order (rooms are
+    // ordered each on its own, not with each other).
+    let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for _ in 0..300 {
+        let m = far.next_pushed("message").await;
+        seen.entry(m["room"].as_str().expect("room").to_owned())
+            .or_default()
+            .push(m["data"]["n"].as_u64().expect("n"));
+    }
+    assert_eq!(
+        seen["bulk-a"],
+        (0..300).filter(|n| n % 3 != 0).collect::<Vec<_>>()
+    );
+    assert_eq!(seen["bulk-b"], (0..300).step_by(3).collect::<Vec<_>>());
+    eventually("300 rows", || async {
+        stored_ids(&database, "bulk-a").await.0 == 200
+            && stored_ids(&database, "bulk-b").await.0 == 100
+    })
+    .await;
+    let (rows_a, distinct_a) = rows(&database, "bulk-a").await;
+    assert_eq!((rows_a, distinct_a), (200, 200), "each message stored once");
+}

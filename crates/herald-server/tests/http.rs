@@ -106,3 +106,94 @@ async fn the_api_needs_its_key_and_is_off_without_one() {
     let response = client.get(dev.url("/api/stats")).send().await.expect("get");
     assert_eq!(response.status(), 200, "dev mode opens the API to loopback");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_publish_answers_each_message_in_order_and_refuses_bad_ones_alone() {
+    let server = TestServer::start_with(|c| c.max_payload = 1024).await;
+    let (mut member, _) = common::WsClient::connect(&server, "reader").await;
+    for room in ["batch-a", "batch-b"] {
+        let ack = member.request(json!({"type": "join", "room": room})).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        http.post(server.url("/api/publish"))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+    };
+    let messages = json!([
+        {"room": "batch-a", "data": {"n": 1}},
+        {"room": "batch-b", "data": {"n": 2}, "from": "backend"},
+        {"room": "", "data": {"n": 3}},
+        {"room": "batch-a", "data": "x".repeat(2048)},
+        {"room": "batch-a", "data": {"n": 5}, "from": ""},
+        {"room": "batch-a", "data": {"n": 6}},
+    ]);
+    let response = post(json!({"messages": messages})).await.expect("post");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let results = body["results"].as_array().expect("results");
+    let summary: Vec<(Value, Value)> = results
+        .iter()
+        .map(|r| (r["offset"].clone(), r["error"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (json!(1), Value::Null),
+            (json!(1), Value::Null),
+            (Value::Null, json!("invalid_room")),
+            (Value::Null, json!("payload_too_large")),
+            (Value::Null, json!("bad_request")),
+            (json!(2), Value::Null),
+        ],
+        "{body}"
+    );
+    assert_eq!(body["published"], 3);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = member.next_pushed("message").await;
+        seen.push((
+            m["room"].clone(),
+            m["offset"].clone(),
+            m["from"].clone(),
+            m["data"]["n"].clone(),
+        ));
+    }
+    // Each room's messages in the batch's order; rooms are ordered each on its own.
+    seen.sort_by_key(|(room, offset, ..)| (room.to_string(), offset.as_u64()));
+    assert_eq!(
+        seen,
+        [
+            (json!("batch-a"), json!(1), json!("api"), json!(1)),
+            (json!("batch-a"), json!(2), json!("api"), json!(6)),
+            (json!("batch-b"), json!(1), json!("backend"), json!(2)),
+        ],
+        "members get the batch's messages"
+    );
+
+    let too_many: Vec<Value> = (0..1001)
+        .map(|n| json!({"room": "batch-a", "data": n}))
+        .collect();
+    let response = post(json!({"messages": too_many})).await.expect("post");
+    assert_eq!(response.status(), 400);
+    let response = post(json!({"messages": [], "room": "batch-a"}))
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 400);
+    let history: Value = http
+        .get(server.url("/api/rooms/batch-a/history?since=0"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        history["messages"].as_array().map(Vec::len),
+        Some(2),
+        "refused batches publish nothing: {history}"
+    );
+}

@@ -591,9 +591,68 @@ impl Hub {
         from: UserId,
         data: Box<RawValue>,
     ) -> Result<Arc<Message>, ClientError> {
+        let publication = self.publication(key, from, data)?;
+        let durable = self.durable_for(&publication.key.room);
+        let message = self
+            .broker
+            .publish(publication)
+            .await
+            .map_err(unavailable)?;
+        self.published(durable, message).await
+    }
+
+    /// Publishes several messages, in order, as [`Hub::publish`] would one by one, with one
+    /// broker round trip per chunk rather than per message. Each message succeeds or fails
+    /// alone; the answers come in the same order.
+    pub async fn publish_batch(
+        &self,
+        items: Vec<(RoomKey, UserId, Box<RawValue>)>,
+    ) -> Vec<Result<Arc<Message>, ClientError>> {
+        let mut answers: Vec<Option<Result<Arc<Message>, ClientError>>> =
+            items.iter().map(|_| None).collect();
+        let mut publications = Vec::with_capacity(items.len());
+        let mut slots = Vec::with_capacity(items.len());
+        for (i, (key, from, data)) in items.into_iter().enumerate() {
+            match self.publication(key, from, data) {
+                Ok(publication) => {
+                    slots.push(i);
+                    publications.push(publication);
+                }
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        let rooms: Vec<RoomName> = publications.iter().map(|p| p.key.room.clone()).collect();
+        let published = self.broker.publish_batch(publications).await;
+        for ((i, room), result) in slots.into_iter().zip(rooms).zip(published) {
+            answers[i] = Some(match result {
+                Ok(message) => self.published(self.durable_for(&room), message).await,
+                Err(e) => Err(unavailable(e)),
+            });
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(ClientError::new(
+                        ErrorCode::Unavailable,
+                        "the broker gave no answer",
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The publication of a message, or why it is refused before it takes an offset: a
+    /// room that persists refuses while the store keeps failing, so nobody receives a
+    /// message that is not kept.
+    fn publication(
+        &self,
+        key: RoomKey,
+        from: UserId,
+        data: Box<RawValue>,
+    ) -> Result<Publication, ClientError> {
         let durable = self.durable_for(&key.room);
         if let Some(durable) = durable {
-            // Refused before an offset is taken: nobody receives a message that is not kept.
             durable.queue.accepting().map_err(|e| {
                 metrics::counter!(m::MESSAGES_DROPPED, "reason" => "store_unavailable")
                     .increment(1);
@@ -603,7 +662,7 @@ impl Hub {
                 )
             })?;
         }
-        let publication = Publication {
+        Ok(Publication {
             key,
             id: uuid::Uuid::now_v7().to_string(),
             from,
@@ -611,12 +670,15 @@ impl Hub {
             ts: now_ms(),
             persist: durable.is_some(),
             instance: Some(self.instance.clone()),
-        };
-        let message = self
-            .broker
-            .publish(publication)
-            .await
-            .map_err(unavailable)?;
+        })
+    }
+
+    /// Counts a published message and queues it for the store when its room persists.
+    async fn published(
+        &self,
+        durable: Option<&Durable>,
+        message: Arc<Message>,
+    ) -> Result<Arc<Message>, ClientError> {
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
         if let Some(durable) = durable {
             // Waits while the queue is full: an ack means the message is queued for the store.
