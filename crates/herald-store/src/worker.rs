@@ -5,8 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use herald_core::{Message, PersistQueue, Store};
 
 /// Metric names of the durable path.
@@ -61,57 +59,72 @@ impl Worker {
     /// Reading goes on while batches are written: up to the store's
     /// [`Store::concurrent_writes`] batches are in flight, each acknowledged when its own
     /// write commits, so a store that takes batches in parallel is never left idle while
-    /// the next batch is read.
+    /// the next batch is read. Each batch is written by a task of its own, so it goes on
+    /// while this loop waits for anything else.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let parallel = self.store.concurrent_writes().max(1);
-        tracing::info!(worker = %self.settings.id, batch_size = self.settings.batch_size, parallel, "persist worker started");
+        let this = Arc::new(self);
+        let parallel = this.store.concurrent_writes().max(1);
+        tracing::info!(worker = %this.settings.id, batch_size = this.settings.batch_size, parallel, "persist worker started");
         // A store that cannot take writes is known before the first message is acknowledged.
-        self.check_store().await;
-        let mut writing = FuturesUnordered::new();
+        this.check_store().await;
+        let mut writing = tokio::task::JoinSet::new();
         let mut reported = Instant::now();
         'reading: loop {
             while writing.len() >= parallel {
                 tokio::select! {
-                    _ = writing.next() => {}
+                    written = writing.join_next() => this.written(written),
                     () = &mut shutdown => break 'reading,
                 }
             }
-            let read = self
+            let read = this
                 .queue
-                .read(self.settings.batch_size, self.settings.batch_timeout);
+                .read(this.settings.batch_size, this.settings.batch_timeout);
             tokio::pin!(read);
             // Batches finishing meanwhile free their slot; the read itself is never dropped
             // half done, except at shutdown (queues keep what a cancelled read took).
             let batch = loop {
                 tokio::select! {
                     batch = &mut read => break batch,
-                    Some(()) = writing.next(), if !writing.is_empty() => {}
+                    written = writing.join_next(), if !writing.is_empty() => this.written(written),
                     () = &mut shutdown => break 'reading,
                 }
             };
             match batch {
                 Ok(entries) if entries.is_empty() => {
                     // Nothing to retry, so only a check tells when a failing store is back.
-                    if self.queue.accepting().is_err() {
-                        self.check_store().await;
+                    if this.queue.accepting().is_err() {
+                        this.check_store().await;
                     }
                 }
-                Ok(entries) => writing.push(self.store_batch(entries)),
+                Ok(entries) => {
+                    let worker = this.clone();
+                    writing.spawn(async move { worker.store_batch(entries).await });
+                }
                 Err(e) => {
-                    tracing::warn!(worker = %self.settings.id, error = %e, "persist queue read failed");
+                    tracing::warn!(worker = %this.settings.id, error = %e, "persist queue read failed");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
             if reported.elapsed() >= REPORT_INTERVAL {
-                self.report().await;
+                this.report().await;
                 reported = Instant::now();
             }
         }
         // Batches being written are finished (and acknowledged) before the rest is drained.
-        while writing.next().await.is_some() {}
-        self.drain().await;
-        tracing::info!(worker = %self.settings.id, "persist worker stopped");
+        while let Some(written) = writing.join_next().await {
+            this.written(Some(written));
+        }
+        this.drain().await;
+        tracing::info!(worker = %this.settings.id, "persist worker stopped");
+    }
+
+    /// Notes the end of a batch's task. A task that panicked acknowledged nothing: the Redis
+    /// stream hands its entries out again after `claim_idle`.
+    fn written(&self, ended: Option<Result<(), tokio::task::JoinError>>) {
+        if let Some(Err(e)) = ended {
+            tracing::error!(worker = %self.settings.id, error = %e, "a batch's write task failed before acknowledging it");
+        }
     }
 
     /// Pings the store and tells the queue how it went.
