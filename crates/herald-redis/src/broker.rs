@@ -107,6 +107,29 @@ return out
 /// Redis busy for a few milliseconds at most.
 const MAX_SCRIPT_BATCH: usize = 128;
 
+/// A message ready for a publish script; see [`Inner::prepare`].
+struct Prepared {
+    keys: [String; 3],
+    channel: String,
+    parts: codec::MessageParts,
+    /// `"1"` when the script appends it to the persist stream.
+    persist: &'static str,
+    /// The message, with the offset and epoch the script assigns left blank.
+    draft: Message,
+}
+
+impl Prepared {
+    /// The published message, once the script assigned its offset and epoch.
+    fn into_message(self, offset: u64, epoch: String) -> Arc<Message> {
+        metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
+        Arc::new(Message {
+            offset,
+            epoch: epoch.into(),
+            ..self.draft
+        })
+    }
+}
+
 /// The keys of one room's offset, history and epoch. They share a hash tag, so a Redis
 /// Cluster keeps them on one slot and the publish script can touch all three.
 fn room_keys(prefix: &str, key: &RoomKey) -> [String; 3] {
@@ -216,46 +239,55 @@ impl Inner {
         })
     }
 
-    async fn publish(
-        &self,
-        mut conn: ConnectionManager,
-        publication: Publication,
-    ) -> Result<Arc<Message>, BrokerError> {
-        let channels = self.channels(&publication.key.namespace)?;
-        let channel = channels.room(&publication.key.room);
+    /// Makes a publication ready for a publish script: its room's keys and channel, and the
+    /// message encoded around the offset the script fills in.
+    fn prepare(&self, publication: Publication) -> Result<Prepared, BrokerError> {
+        let channel = self
+            .channels(&publication.key.namespace)?
+            .room(&publication.key.room);
         let keys = room_keys(&self.settings.key, &publication.key);
         let persist = publication.persist;
         let draft = publication.at(0, "".into());
         let parts = codec::message_parts(&self.settings.uid, &draft)
             .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
+        Ok(Prepared {
+            keys,
+            channel,
+            parts,
+            persist: if persist { "1" } else { "0" },
+            draft,
+        })
+    }
+
+    async fn publish(
+        &self,
+        mut conn: ConnectionManager,
+        publication: Publication,
+    ) -> Result<Arc<Message>, BrokerError> {
+        let p = self.prepare(publication)?;
         let started = Instant::now();
         let (offset, epoch): (u64, String) = self
             .script
-            .key(&keys[0])
-            .key(&keys[1])
-            .key(&keys[2])
+            .key(&p.keys[0])
+            .key(&p.keys[1])
+            .key(&p.keys[2])
             .key(crate::persist::stream_key(&self.settings.key))
-            .arg(channel)
-            .arg(parts.wire_head)
-            .arg(parts.wire_tail)
-            .arg(parts.json_head)
-            .arg(parts.json_tail)
+            .arg(&p.channel)
+            .arg(&p.parts.wire_head)
+            .arg(&p.parts.wire_tail)
+            .arg(&p.parts.json_head)
+            .arg(&p.parts.json_tail)
             .arg(self.settings.history_size)
             .arg(self.settings.history_ttl.as_secs())
             .arg(new_epoch())
-            .arg(if persist { "1" } else { "0" })
-            .arg(draft.namespace.as_str())
-            .arg(draft.instance.as_deref().unwrap_or_default())
+            .arg(p.persist)
+            .arg(p.draft.namespace.as_str())
+            .arg(p.draft.instance.as_deref().unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
         metrics::histogram!(metric::BROKER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(Arc::new(Message {
-            offset,
-            epoch: epoch.into(),
-            ..draft
-        }))
+        Ok(p.into_message(offset, epoch))
     }
 
     /// Publishes up to [`MAX_SCRIPT_BATCH`] messages with one script call; the answers come
@@ -265,83 +297,52 @@ impl Inner {
         mut conn: ConnectionManager,
         publications: Vec<Publication>,
     ) -> Vec<Result<Arc<Message>, BrokerError>> {
-        let mut answers: Vec<Option<Result<Arc<Message>, BrokerError>>> =
-            publications.iter().map(|_| None).collect();
-        let mut sent = Vec::with_capacity(publications.len());
+        let prepared: Vec<Result<Prepared, BrokerError>> =
+            publications.into_iter().map(|p| self.prepare(p)).collect();
         let mut call = self.batch_script.prepare_invoke();
         call.key(crate::persist::stream_key(&self.settings.key))
             .arg(self.settings.history_size)
             .arg(self.settings.history_ttl.as_secs())
             .arg(new_epoch());
-        for (i, publication) in publications.into_iter().enumerate() {
-            let channel = match self.channels(&publication.key.namespace) {
-                Ok(channels) => channels.room(&publication.key.room),
-                Err(e) => {
-                    answers[i] = Some(Err(e));
-                    continue;
-                }
-            };
-            let persist = publication.persist;
-            let keys = room_keys(&self.settings.key, &publication.key);
-            let draft = publication.at(0, "".into());
-            let parts = match codec::message_parts(&self.settings.uid, &draft) {
-                Ok(parts) => parts,
-                Err(e) => {
-                    answers[i] = Some(Err(BrokerError::Unavailable(format!(
-                        "cannot encode message: {e}"
-                    ))));
-                    continue;
-                }
-            };
-            for key in &keys {
-                call.key(key);
-            }
-            call.arg(channel)
-                .arg(parts.wire_head)
-                .arg(parts.wire_tail)
-                .arg(parts.json_head)
-                .arg(parts.json_tail)
-                .arg(if persist { "1" } else { "0" })
-                .arg(draft.namespace.as_str())
-                .arg(draft.instance.as_deref().unwrap_or_default());
-            sent.push((i, draft));
+        for p in prepared.iter().flatten() {
+            call.key(&p.keys[0]).key(&p.keys[1]).key(&p.keys[2]);
+            call.arg(&p.channel)
+                .arg(&p.parts.wire_head)
+                .arg(&p.parts.wire_tail)
+                .arg(&p.parts.json_head)
+                .arg(&p.parts.json_tail)
+                .arg(p.persist)
+                .arg(p.draft.namespace.as_str())
+                .arg(p.draft.instance.as_deref().unwrap_or_default());
         }
-        if !sent.is_empty() {
+        let mut replies = if prepared.iter().any(Result::is_ok) {
             let started = Instant::now();
             let replies: Result<Vec<redis::Value>, _> = call.invoke_async(&mut conn).await;
             metrics::histogram!(metric::BROKER_PUBLISH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            match replies {
-                Ok(values) => {
-                    let mut values = values.into_iter();
-                    for (i, draft) in sent {
-                        let answer = match (values.next(), values.next()) {
-                            (Some(offset), Some(epoch)) => script_answer(offset, epoch),
-                            _ => Err(BrokerError::Unavailable(
-                                "the publish script answered too few messages".to_owned(),
-                            )),
-                        };
-                        answers[i] = Some(answer.map(|(offset, epoch)| {
-                            metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
-                            Arc::new(Message {
-                                offset,
-                                epoch: epoch.into(),
-                                ..draft
-                            })
-                        }));
-                    }
-                }
-                Err(e) => {
-                    let error = redis_error(e);
-                    for (i, _) in sent {
-                        answers[i] = Some(Err(BrokerError::Unavailable(error.to_string())));
-                    }
-                }
-            }
-        }
-        answers
+            replies
+                .map(Vec::into_iter)
+                .map_err(|e| redis_error(e).to_string())
+        } else {
+            Ok(Vec::new().into_iter())
+        };
+        prepared
             .into_iter()
-            .map(|a| a.unwrap_or(Err(BrokerError::Closed)))
+            .map(|p| {
+                let p = p?;
+                let (offset, epoch) = match &mut replies {
+                    Ok(values) => match (values.next(), values.next()) {
+                        (Some(offset), Some(epoch)) => script_answer(offset, epoch)?,
+                        _ => {
+                            return Err(BrokerError::Unavailable(
+                                "the publish script answered too few messages".to_owned(),
+                            ));
+                        }
+                    },
+                    Err(error) => return Err(BrokerError::Unavailable(error.clone())),
+                };
+                Ok(p.into_message(offset, epoch))
+            })
             .collect()
     }
 
@@ -532,11 +533,7 @@ impl Broker for RedisBroker {
                 let chunk: Vec<Publication> = rest.by_ref().take(MAX_SCRIPT_BATCH).collect();
                 match self.inner.conn() {
                     Some(conn) => answers.extend(self.inner.publish_chunk(conn, chunk).await),
-                    None => {
-                        for publication in chunk {
-                            answers.push(self.inner.fallback.publish(publication).await);
-                        }
-                    }
+                    None => answers.extend(self.inner.fallback.publish_batch(chunk).await),
                 }
             }
             answers
