@@ -356,9 +356,7 @@ async fn publish(
         let key = RoomKey::new(namespace, room_name(&room)?);
         let from = sender(request.from)?;
         let message = state.hub.publish(key, from, data).await?;
-        return Ok(Json(
-            json!({ "ok": true, "id": message.id, "offset": message.offset, "epoch": &*message.epoch }),
-        ));
+        return Ok(Json(published_json(&message)));
     };
     if event.is_empty() || event.len() > 64 || RESERVED_EVENTS.contains(&event.as_str()) {
         return Err(ApiError::BadRequest(format!(
@@ -482,10 +480,10 @@ async fn publish_batch(
             messages.len()
         )));
     }
-    let mut answers: Vec<Option<Value>> = messages.iter().map(|_| None).collect();
+    // Refusals in place, `None` where the hub answers.
+    let mut checked = Vec::with_capacity(messages.len());
     let mut items = Vec::with_capacity(messages.len());
-    let mut slots = Vec::with_capacity(messages.len());
-    for (i, item) in messages.into_iter().enumerate() {
+    for item in messages {
         let valid = room_name(&item.room).and_then(|room| {
             Ok((
                 RoomKey::new(namespace.clone(), room),
@@ -495,28 +493,35 @@ async fn publish_batch(
         });
         match valid {
             Ok(item) => {
-                slots.push(i);
                 items.push(item);
+                checked.push(None);
             }
-            Err(e) => answers[i] = Some(refusal(&e)),
+            Err(e) => checked.push(Some(refusal(&e))),
         }
     }
-    for (i, result) in slots.into_iter().zip(state.hub.publish_batch(items).await) {
-        answers[i] = Some(match result {
-            Ok(message) => json!({
-                "ok": true,
-                "id": message.id,
-                "offset": message.offset,
-                "epoch": &*message.epoch,
-            }),
-            Err(e) => refusal(&ApiError::Client(e)),
-        });
-    }
-    let results: Vec<Value> = answers.into_iter().flatten().collect();
+    let mut answers = state.hub.publish_batch(items).await.into_iter();
+    let results: Vec<Value> = checked
+        .into_iter()
+        .map(|refused| {
+            refused.unwrap_or_else(|| match answers.next() {
+                Some(Ok(message)) => published_json(&message),
+                Some(Err(e)) => refusal(&ApiError::Client(e)),
+                None => refusal(&ApiError::Client(ClientError::new(
+                    ErrorCode::Unavailable,
+                    "the hub gave no answer",
+                ))),
+            })
+        })
+        .collect();
     let published = results.iter().filter(|r| r["ok"] == true).count();
     Ok(Json(
         json!({ "ok": true, "published": published, "results": results }),
     ))
+}
+
+/// A published message's answer: `{ok, id, offset, epoch}`.
+fn published_json(message: &herald_core::Message) -> Value {
+    json!({ "ok": true, "id": message.id, "offset": message.offset, "epoch": &*message.epoch })
 }
 
 /// One batch message's refusal, in the API's error shape.

@@ -592,13 +592,12 @@ impl Hub {
         data: Box<RawValue>,
     ) -> Result<Arc<Message>, ClientError> {
         let publication = self.publication(key, from, data)?;
-        let durable = self.durable_for(&publication.key.room);
         let message = self
             .broker
             .publish(publication)
             .await
             .map_err(unavailable)?;
-        self.published(durable, message).await
+        self.published(message).await
     }
 
     /// Publishes several messages, in order, as [`Hub::publish`] would one by one, with one
@@ -608,38 +607,35 @@ impl Hub {
         &self,
         items: Vec<(RoomKey, UserId, Box<RawValue>)>,
     ) -> Vec<Result<Arc<Message>, ClientError>> {
-        let mut answers: Vec<Option<Result<Arc<Message>, ClientError>>> =
-            items.iter().map(|_| None).collect();
+        // Refusals in place, `None` where the broker answers.
+        let mut checked = Vec::with_capacity(items.len());
         let mut publications = Vec::with_capacity(items.len());
-        let mut slots = Vec::with_capacity(items.len());
-        for (i, (key, from, data)) in items.into_iter().enumerate() {
+        for (key, from, data) in items {
             match self.publication(key, from, data) {
                 Ok(publication) => {
-                    slots.push(i);
                     publications.push(publication);
+                    checked.push(None);
                 }
-                Err(e) => answers[i] = Some(Err(e)),
+                Err(e) => checked.push(Some(e)),
             }
         }
-        let rooms: Vec<RoomName> = publications.iter().map(|p| p.key.room.clone()).collect();
-        let published = self.broker.publish_batch(publications).await;
-        for ((i, room), result) in slots.into_iter().zip(rooms).zip(published) {
-            answers[i] = Some(match result {
-                Ok(message) => self.published(self.durable_for(&room), message).await,
-                Err(e) => Err(unavailable(e)),
+        let mut published = self.broker.publish_batch(publications).await.into_iter();
+        let mut answers = Vec::with_capacity(checked.len());
+        for refusal in checked {
+            if let Some(e) = refusal {
+                answers.push(Err(e));
+                continue;
+            }
+            answers.push(match published.next() {
+                Some(Ok(message)) => self.published(message).await,
+                Some(Err(e)) => Err(unavailable(e)),
+                None => Err(ClientError::new(
+                    ErrorCode::Unavailable,
+                    "the broker gave no answer",
+                )),
             });
         }
         answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| {
-                    Err(ClientError::new(
-                        ErrorCode::Unavailable,
-                        "the broker gave no answer",
-                    ))
-                })
-            })
-            .collect()
     }
 
     /// The publication of a message, or why it is refused before it takes an offset: a
@@ -674,13 +670,9 @@ impl Hub {
     }
 
     /// Counts a published message and queues it for the store when its room persists.
-    async fn published(
-        &self,
-        durable: Option<&Durable>,
-        message: Arc<Message>,
-    ) -> Result<Arc<Message>, ClientError> {
+    async fn published(&self, message: Arc<Message>) -> Result<Arc<Message>, ClientError> {
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
-        if let Some(durable) = durable {
+        if let Some(durable) = self.durable_for(&message.room) {
             // Waits while the queue is full: an ack means the message is queued for the store.
             durable.queue.push(message.clone()).await.map_err(|e| {
                 ClientError::new(
