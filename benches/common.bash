@@ -277,3 +277,24 @@ wait_rows() {
   done
   echo "$rows"
 }
+
+# acked_of REPORT: the number of publishes a `herald bench` report counts as acked ok.
+acked_of() {
+  sed -n 's/.* \([0-9]*\) acked ok.*/\1/p' <<<"$1" | head -n 1
+}
+
+# stored_exactly LABEL ACKED STARTED WHAT: waits for the rows, prints their rate since STARTED
+# (`date +%s.%N`) followed by WHAT, and fails unless the table holds exactly ACKED rows, each
+# with its own id.
+stored_exactly() {
+  local label=$1 acked=$2 started=$3 what=$4 rows finished distinct
+  rows=$(wait_rows "$acked")
+  finished=$(date +%s.%N)
+  distinct=$(psql "$DATABASE_URL" -tAc "select count(distinct id) from messages")
+  echo "$label: $rows rows for $acked acked messages ($distinct distinct ids), batch size $BATCH_SIZE"
+  echo "$label: $(python3 -c "print(f'{$rows / ($finished - $started):,.0f}')") $what"
+  if [ "$rows" != "$acked" ] || [ "$distinct" != "$acked" ]; then
+    echo "$label: FAIL: expected exactly $acked rows" >&2
+    exit 1
+  fi
+}

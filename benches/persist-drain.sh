@@ -28,10 +28,14 @@ else
 fi
 report=$(run_bench drain-fill --clients 100 --rooms 100 --members 1 --senders 100 --rate "$rate" \
   --duration "$duration" --connect-concurrency 100 || true)
-acked=$(sed -n 's/.* \([0-9]*\) acked ok.*/\1/p' <<<"$report" | head -n 1)
+acked=$(acked_of "$report")
 stop "${SERVER_PIDS[@]}"
 backlog=$(redis-cli -u "$BENCH_REDIS_URL" XLEN "herald:persist:bench-$$")
 echo "drain: $acked acked messages published with no worker running; $backlog waiting in the persist stream"
+if [ "$backlog" != "$acked" ]; then
+  echo "drain: FAIL: the persist stream holds $backlog entries for $acked acked messages" >&2
+  exit 1
+fi
 
 env REDIS_URL="$BENCH_REDIS_URL" HERALD_REDIS_KEY="bench-$$" PORT=0 HERALD_HOST=127.0.0.1 \
   WORKER_ID=drain RUST_LOG="${RUST_LOG:-warn,herald_server=info}" "$HERALD_BIN" worker \
@@ -45,12 +49,5 @@ for _ in $(seq 1 100); do
   sleep 0.02
 done
 started=$(date +%s.%N)
-rows=$(wait_rows "$acked")
-finished=$(date +%s.%N)
-distinct=$(psql "$DATABASE_URL" -tAc "select count(distinct id) from messages")
-echo "drain: $rows rows for $acked acked messages ($distinct distinct ids), batch size $BATCH_SIZE"
-echo "drain: $(python3 -c "print(f'{$rows / ($finished - $started):,.0f}')") rows/s from the worker's first read to the last committed row"
-if [ "$rows" != "$acked" ] || [ "$distinct" != "$acked" ] || [ "$backlog" != "$acked" ]; then
-  echo "drain: FAIL: expected exactly $acked rows" >&2
-  exit 1
-fi
+stored_exactly drain "$acked" "$started" \
+  "rows/s from the worker's first read to the last committed row"

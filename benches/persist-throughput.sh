@@ -39,13 +39,5 @@ started=$(date +%s.%N)
 report=$(run_bench persist --clients 100 --rooms 100 --members 1 "${senders[@]}" --rate "$rate" \
   --duration "$duration" --connect-concurrency 100 || true)
 echo "$report"
-acked=$(sed -n 's/.* \([0-9]*\) acked ok.*/\1/p' <<<"$report" | head -n 1)
-rows=$(wait_rows "$acked")
-finished=$(date +%s.%N)
-distinct=$(psql "$DATABASE_URL" -tAc "select count(distinct id) from messages")
-echo "persist: $rows rows for $acked acked messages ($distinct distinct ids), batch size $BATCH_SIZE"
-echo "persist: $(python3 -c "print(f'{$rows / ($finished - $started):,.0f}')") messages/s from the first publish to the last committed row"
-if [ "$rows" != "$acked" ] || [ "$distinct" != "$acked" ]; then
-  echo "persist: FAIL: expected exactly $acked rows" >&2
-  exit 1
-fi
+stored_exactly persist "$(acked_of "$report")" "$started" \
+  "messages/s from the first publish to the last committed row"
