@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`sqlite`]: the embedded default, one file under the data directory.
-//! - [`postgres`]: PostgreSQL, written with COPY into a staging table.
+//! - [`postgres`]: PostgreSQL, one COPY per batch (through a staging table when a batch
+//!   holds rows already stored).
 //! - [`queue`]: the bounded in-process persist queue of single-instance mode, and the fleet's
 //!   queue that keeps beside the Redis stream what an instance accepted while Redis was away.
 //! - [`worker`]: reads the queue in batches, writes the store, acknowledges after commit.
