@@ -23,17 +23,23 @@ use crate::{RedisSettings, metric};
 ///
 /// KEYS: offset, history stream, epoch, persist stream. ARGV: channel, wire head, wire tail,
 /// json head, json tail, history size, TTL seconds, epoch for a new history, persist (1/0),
-/// namespace, publishing instance. The persist stream entry carries the room's epoch, so the
-/// store keys the row by it.
+/// namespace, publishing instance, refresh the TTL (1/0). The persist stream entry carries
+/// the room's epoch, so the store keys the row by it.
+///
+/// The room's keys get their TTL when the script creates them, and again when the caller
+/// asks for it: the broker refreshes a room's TTL once per [`Inner::refresh_due`] interval
+/// rather than with three EXPIREs on every message.
 const PUBLISH_SCRIPT: &str = r#"
 local off = redis.call('INCR', KEYS[1])
-if off == 1 then
+local fresh = off == 1
+if fresh then
   redis.call('DEL', KEYS[2])
   redis.call('SET', KEYS[3], ARGV[8])
 end
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   epoch = ARGV[8]
+  fresh = true
   redis.call('SET', KEYS[3], epoch)
 end
 local size = tonumber(ARGV[6])
@@ -44,7 +50,7 @@ if ARGV[9] == '1' then
   redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5], 'ep', epoch, 'in', ARGV[11])
 end
 local ttl = tonumber(ARGV[7])
-if ttl > 0 then
+if ttl > 0 and (fresh or ARGV[12] == '1') then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
@@ -56,52 +62,108 @@ return {off, epoch}
 /// [`PUBLISH_SCRIPT`] for several messages in turn, in one call: the HTTP API's batches.
 ///
 /// KEYS: the persist stream, then per message its room's offset, history stream and epoch.
-/// ARGV: history size, TTL seconds, epoch for a new history, then per message: channel, wire
-/// head, wire tail, json head, json tail, persist (1/0), namespace, publishing instance.
+/// ARGV: history size, TTL seconds, epoch for a new history, most bytes of messages per
+/// persist entry, then per message: channel, wire head, wire tail, json head, json tail,
+/// persist (1/0), namespace, publishing instance, refresh the TTL (1/0).
 /// Returns per message its offset and epoch, or -1 and the error that refused it alone.
+///
+/// Three steps, each message failing alone in each: offsets and history; the persist
+/// stream, where consecutive messages of one namespace share an entry (`ns`, `in`, then
+/// `m` and `ep` per message) up to the byte budget, so a batch costs a few XADDs rather than
+/// one per message; then the PUBLISHes, in order, of the messages that got this far.
 const PUBLISH_BATCH_SCRIPT: &str = r#"
 local size = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local out = {}
-for i = 0, (#KEYS - 1) / 3 - 1 do
-  local k = 2 + 3 * i
-  local a = 4 + 8 * i
-  local ok, res = pcall(function()
-    local off = redis.call('INCR', KEYS[k])
-    if off == 1 then
-      redis.call('DEL', KEYS[k + 1])
-      redis.call('SET', KEYS[k + 2], ARGV[3])
-    end
-    local epoch = redis.call('GET', KEYS[k + 2])
-    if not epoch then
-      epoch = ARGV[3]
-      redis.call('SET', KEYS[k + 2], epoch)
-    end
-    local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
-    if size > 0 then
-      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, off .. '-1', 'm', stored)
-    end
-    if ARGV[a + 5] == '1' then
-      redis.call('XADD', KEYS[1], '*', 'ns', ARGV[a + 6], 'm', stored, 'ep', epoch, 'in', ARGV[a + 7])
-    end
-    if ttl > 0 then
-      redis.call('EXPIRE', KEYS[k], ttl)
-      redis.call('EXPIRE', KEYS[k + 1], ttl)
-      redis.call('EXPIRE', KEYS[k + 2], ttl)
-    end
-    redis.call('PUBLISH', ARGV[a], ARGV[a + 1] .. cmsgpack.pack(off) .. ARGV[a + 2])
-    return {off, epoch}
-  end)
+local budget = tonumber(ARGV[4])
+local n = (#KEYS - 1) / 3
+local function assign(k, a)
+  local off = redis.call('INCR', KEYS[k])
+  local fresh = off == 1
+  if fresh then
+    redis.call('DEL', KEYS[k + 1])
+    redis.call('SET', KEYS[k + 2], ARGV[3])
+  end
+  local epoch = redis.call('GET', KEYS[k + 2])
+  if not epoch then
+    epoch = ARGV[3]
+    fresh = true
+    redis.call('SET', KEYS[k + 2], epoch)
+  end
+  local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
+  if size > 0 then
+    redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, off .. '-1', 'm', stored)
+  end
+  if ttl > 0 and (fresh or ARGV[a + 8] == '1') then
+    redis.call('EXPIRE', KEYS[k], ttl)
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    redis.call('EXPIRE', KEYS[k + 2], ttl)
+  end
+  return {off, epoch, stored}
+end
+local done, errs = {}, {}
+for i = 1, n do
+  local ok, res = pcall(assign, 2 + 3 * (i - 1), 5 + 9 * (i - 1))
   if ok then
-    out[#out + 1] = res[1]
-    out[#out + 1] = res[2]
+    done[i] = res
+  else
+    errs[i] = type(res) == 'table' and tostring(res.err) or tostring(res)
+  end
+end
+local fields, members, bytes = {}, {}, 0
+local function flush()
+  if #members == 0 then
+    return
+  end
+  local ok, res = pcall(redis.call, 'XADD', KEYS[1], '*', unpack(fields))
+  if not ok then
+    local err = type(res) == 'table' and tostring(res.err) or tostring(res)
+    for _, i in ipairs(members) do
+      done[i] = nil
+      errs[i] = err
+    end
+  end
+  fields, members, bytes = {}, {}, 0
+end
+for i = 1, n do
+  local a = 5 + 9 * (i - 1)
+  if done[i] and ARGV[a + 5] == '1' then
+    local stored = done[i][3]
+    if #members > 0 and (fields[2] ~= ARGV[a + 6] or fields[4] ~= ARGV[a + 7] or bytes + #stored > budget) then
+      flush()
+    end
+    if #members == 0 then
+      fields = {'ns', ARGV[a + 6], 'in', ARGV[a + 7]}
+    end
+    fields[#fields + 1] = 'm'
+    fields[#fields + 1] = stored
+    fields[#fields + 1] = 'ep'
+    fields[#fields + 1] = done[i][2]
+    members[#members + 1] = i
+    bytes = bytes + #stored
+  end
+end
+flush()
+local out = {}
+for i = 1, n do
+  local a = 5 + 9 * (i - 1)
+  if done[i] then
+    local off = done[i][1]
+    -- Stored and numbered already: a failed live delivery is recovered by offset.
+    pcall(redis.call, 'PUBLISH', ARGV[a], ARGV[a + 1] .. cmsgpack.pack(off) .. ARGV[a + 2])
+    out[#out + 1] = off
+    out[#out + 1] = done[i][2]
   else
     out[#out + 1] = -1
-    out[#out + 1] = type(res) == 'table' and tostring(res.err) or tostring(res)
+    out[#out + 1] = errs[i]
   end
 end
 return out
 "#;
+
+/// The most bytes of stored messages one persist stream entry of the batch script carries
+/// (a larger message gets an entry of its own). It bounds what a worker's read of
+/// `BATCH_SIZE` entries can hold, as a single message's limit does for single entries.
+const PERSIST_ENTRY_BYTES: usize = 64 * 1024;
 
 /// The most messages one call of [`PUBLISH_BATCH_SCRIPT`] carries, so that one call keeps
 /// Redis busy for a few milliseconds at most.
@@ -114,6 +176,8 @@ struct Prepared {
     parts: codec::MessageParts,
     /// `"1"` when the script appends it to the persist stream.
     persist: &'static str,
+    /// `"1"` when the script refreshes the TTL of the room's keys.
+    refresh: &'static str,
     /// The message, with the offset and epoch the script assigns left blank.
     draft: Message,
 }
@@ -177,6 +241,16 @@ struct Inner {
     channels: HashMap<Namespace, Channels>,
     refs: Mutex<HashMap<RoomKey, usize>>,
     subs: mpsc::UnboundedSender<SubCmd>,
+    /// When this instance last had each room's TTL refreshed; see [`Inner::refresh_due`].
+    refreshed: Mutex<TtlRefreshes>,
+}
+
+/// The rooms whose keys this instance refreshed lately, and when.
+#[derive(Default)]
+struct TtlRefreshes {
+    at: HashMap<RoomKey, Instant>,
+    /// The size past which entries older than the interval are dropped.
+    prune_at: usize,
 }
 
 impl RedisBroker {
@@ -203,6 +277,7 @@ impl RedisBroker {
             channels,
             refs: Mutex::new(HashMap::new()),
             subs,
+            refreshed: Mutex::new(TtlRefreshes::default()),
         });
         tokio::spawn(link(Arc::downgrade(&inner), sub_rx));
         Ok(Self { inner })
@@ -239,6 +314,34 @@ impl Inner {
         })
     }
 
+    /// Whether a publish to `key` should refresh the TTL of the room's keys: when this
+    /// instance has not done so for a tenth of the TTL (at most a minute). Keys therefore
+    /// expire between TTL minus that interval and TTL after a room's last publish, and a
+    /// busy room costs three EXPIREs a minute instead of three per message. Keys the script
+    /// creates get their TTL at once whatever this says.
+    fn refresh_due(&self, key: &RoomKey) -> bool {
+        let ttl = self.settings.history_ttl;
+        if ttl.is_zero() {
+            return false;
+        }
+        let every = (ttl / 10).min(Duration::from_secs(60));
+        let now = Instant::now();
+        let mut refreshed = self.refreshed.lock().unwrap_or_else(|e| e.into_inner());
+        if refreshed
+            .at
+            .get(key)
+            .is_some_and(|at| now.duration_since(*at) < every)
+        {
+            return false;
+        }
+        if refreshed.at.len() >= refreshed.prune_at {
+            refreshed.at.retain(|_, at| now.duration_since(*at) < every);
+            refreshed.prune_at = (refreshed.at.len() * 2).max(1024);
+        }
+        refreshed.at.insert(key.clone(), now);
+        true
+    }
+
     /// Makes a publication ready for a publish script: its room's keys and channel, and the
     /// message encoded around the offset the script fills in.
     fn prepare(&self, publication: Publication) -> Result<Prepared, BrokerError> {
@@ -247,6 +350,7 @@ impl Inner {
             .room(&publication.key.room);
         let keys = room_keys(&self.settings.key, &publication.key);
         let persist = publication.persist;
+        let refresh = self.refresh_due(&publication.key);
         let draft = publication.at(0, "".into());
         let parts = codec::message_parts(&self.settings.uid, &draft)
             .map_err(|e| BrokerError::Unavailable(format!("cannot encode message: {e}")))?;
@@ -255,6 +359,7 @@ impl Inner {
             channel,
             parts,
             persist: if persist { "1" } else { "0" },
+            refresh: if refresh { "1" } else { "0" },
             draft,
         })
     }
@@ -283,6 +388,7 @@ impl Inner {
             .arg(p.persist)
             .arg(p.draft.namespace.as_str())
             .arg(p.draft.instance.as_deref().unwrap_or_default())
+            .arg(p.refresh)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -303,7 +409,8 @@ impl Inner {
         call.key(crate::persist::stream_key(&self.settings.key))
             .arg(self.settings.history_size)
             .arg(self.settings.history_ttl.as_secs())
-            .arg(new_epoch());
+            .arg(new_epoch())
+            .arg(PERSIST_ENTRY_BYTES);
         for p in prepared.iter().flatten() {
             call.key(&p.keys[0]).key(&p.keys[1]).key(&p.keys[2]);
             call.arg(&p.channel)
@@ -313,7 +420,8 @@ impl Inner {
                 .arg(&p.parts.json_tail)
                 .arg(p.persist)
                 .arg(p.draft.namespace.as_str())
-                .arg(p.draft.instance.as_deref().unwrap_or_default());
+                .arg(p.draft.instance.as_deref().unwrap_or_default())
+                .arg(p.refresh);
         }
         let mut replies = if prepared.iter().any(Result::is_ok) {
             let started = Instant::now();

@@ -2,10 +2,11 @@
 //! script and read by workers in the consumer group `persist-workers`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_core::{BoxFuture, Entry, Namespace, PersistQueue, StoreError};
+use herald_core::{BoxFuture, Entry, Message, Namespace, PersistQueue, StoreError};
 use redis::aio::ConnectionManager;
 
 use crate::RedisSettings;
@@ -26,6 +27,11 @@ pub fn stream_key(prefix: &str) -> String {
 
 /// One worker's view of the persist stream.
 ///
+/// ## Entries
+/// The publish script appends one message per entry; the batch script packs consecutive
+/// messages into one entry (see [`entries`]). Reads hand out messages, each carrying its
+/// entry's id, and ask for about as many entries as make `max` messages.
+///
 /// ## Delivery
 /// Entries are read with XREADGROUP and acknowledged (XACK, then XDEL) only after the store
 /// committed them. Entries a dead worker read but never acknowledged are claimed with
@@ -45,6 +51,8 @@ pub struct RedisQueue {
     conn: Mutex<Option<ConnectionManager>>,
     /// When this worker last looked for entries to claim; see [`RedisQueue::claim_due`].
     claimed_at: Mutex<Option<std::time::Instant>>,
+    /// Messages per stream entry in the last read, rounded up; see [`RedisQueue::count_for`].
+    per_entry: AtomicUsize,
 }
 
 /// How long a reply may take beyond a call's own blocking time before the connection is
@@ -60,7 +68,28 @@ impl RedisQueue {
             claim_idle,
             conn: Mutex::new(None),
             claimed_at: Mutex::new(None),
+            per_entry: AtomicUsize::new(1),
         }
+    }
+
+    /// How many stream entries to ask for to get about `messages` messages. An entry of the
+    /// batch script holds many, so asking for `BATCH_SIZE` entries would make batches many
+    /// times the configured size; the last read's ratio sizes the next.
+    fn count_for(&self, messages: usize) -> usize {
+        messages
+            .div_ceil(self.per_entry.load(Ordering::Relaxed).max(1))
+            .max(1)
+    }
+
+    /// The messages of `raw`, noting how many each entry held for [`RedisQueue::count_for`].
+    fn parse(&self, raw: StreamEntries) -> Vec<Entry> {
+        let read = raw.len();
+        let parsed = entries(raw);
+        if read > 0 {
+            self.per_entry
+                .store(parsed.len().div_ceil(read).max(1), Ordering::Relaxed);
+        }
+        parsed
     }
 
     /// Whether to look for a dead worker's entries on this read. Entries become claimable
@@ -149,12 +178,12 @@ impl RedisQueue {
                     .arg(self.claim_idle.as_millis() as u64)
                     .arg("0-0")
                     .arg("COUNT")
-                    .arg(max)
+                    .arg(self.count_for(max))
                     .query_async(conn),
             )
             .await?;
         match claimed {
-            Ok((_, claimed, _)) => Ok(entries(claimed)),
+            Ok((_, claimed, _)) => Ok(self.parse(claimed)),
             Err(e) => self.read_failed(conn, e).await,
         }
     }
@@ -181,27 +210,55 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 type StreamEntries = Vec<(String, Vec<(String, String)>)>;
 
+/// The messages of stream entries, in order. An entry holds one message (`ns`, `m`, `ep`,
+/// `in`: the publish script) or several (`ns`, `in`, then `m` and `ep` per message: the
+/// batch script); each message becomes an [`Entry`] with its stream entry's id, so the
+/// entry is acknowledged with the batch that holds all of its messages. A message that does
+/// not parse could never be stored; it is skipped, and an entry left with none stays
+/// pending, where `herald_persist_pending` shows it.
 fn entries(raw: StreamEntries) -> Vec<Entry> {
-    raw.into_iter()
-        .filter_map(|(id, fields)| {
-            let field = |name: &str| {
-                fields
-                    .iter()
-                    .find(|(f, _)| f == name)
-                    .map(|(_, v)| v.as_str())
-            };
-            let namespace = Namespace::new(field("ns").unwrap_or("/"));
-            let stored: StoredMessage = serde_json::from_str(field("m")?).ok()?;
-            let mut message = stored.into_message(&namespace);
-            // Entries appended before epochs were recorded count in the empty epoch.
-            message.epoch = field("ep").unwrap_or_default().into();
-            message.instance = field("in").filter(|i| !i.is_empty()).map(Into::into);
-            Some(Entry {
-                id,
+    let mut out = Vec::with_capacity(raw.len());
+    for (id, fields) in raw {
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(f, _)| f == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let namespace = Namespace::new(field("ns").unwrap_or("/"));
+        let instance: Option<Arc<str>> = field("in").filter(|i| !i.is_empty()).map(Into::into);
+        // One slot per `m`, so that an `ep` never lands on the message before one that
+        // did not parse.
+        let mut messages: Vec<Option<Message>> = Vec::new();
+        for (name, value) in &fields {
+            match name.as_str() {
+                "m" => messages.push(
+                    serde_json::from_str::<StoredMessage>(value)
+                        .ok()
+                        .map(|stored| stored.into_message(&namespace)),
+                ),
+                // Entries appended before epochs were recorded count in the empty epoch.
+                "ep" => {
+                    if let Some(Some(message)) = messages.last_mut() {
+                        message.epoch = value.as_str().into();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let first = out.len();
+        out.extend(messages.into_iter().flatten().map(|mut message| {
+            message.instance = instance.clone();
+            Entry {
+                id: id.clone(),
                 message: Arc::new(message),
-            })
-        })
-        .collect()
+            }
+        }));
+        if out.len() == first {
+            tracing::warn!(%id, "persist stream entry holds no message that parses");
+        }
+    }
+    out
 }
 
 impl PersistQueue for RedisQueue {
@@ -235,7 +292,7 @@ impl PersistQueue for RedisQueue {
                             .arg(GROUP)
                             .arg(&self.consumer)
                             .arg("COUNT")
-                            .arg(max - batch.len())
+                            .arg(self.count_for(max - batch.len()))
                             .arg("BLOCK")
                             .arg(left.as_millis().max(1) as u64)
                             .arg("STREAMS")
@@ -251,7 +308,7 @@ impl PersistQueue for RedisQueue {
                     Err(_) => break,
                 };
                 for (_, raw) in reply.unwrap_or_default() {
-                    batch.extend(entries(raw));
+                    batch.extend(self.parse(raw));
                 }
             }
             Ok(batch)
@@ -259,7 +316,9 @@ impl PersistQueue for RedisQueue {
     }
 
     fn ack(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
-        let ids = ids.to_vec();
+        let mut ids = ids.to_vec();
+        // The messages of one entry come together, so its id repeats in a row.
+        ids.dedup();
         Box::pin(async move {
             if ids.is_empty() {
                 return Ok(());
@@ -315,5 +374,91 @@ impl PersistQueue for RedisQueue {
             .await?
             .map_err(unavailable)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(room: &str, offset: u64) -> String {
+        format!(
+            r#"{{"room":"{room}","id":"m{offset}","offset":{offset},"from":"u","data":{{"n":{offset}}},"ts":5}}"#
+        )
+    }
+
+    fn pairs(fields: &[(&str, String)]) -> Vec<(String, String)> {
+        fields
+            .iter()
+            .map(|(f, v)| ((*f).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_entry_of_several_messages_gives_each_its_epoch_and_the_entry_id() {
+        let raw = vec![
+            (
+                "1-0".to_owned(),
+                pairs(&[
+                    ("ns", "/chat".into()),
+                    ("m", stored("a", 1)),
+                    ("ep", "e1".into()),
+                    ("in", "i1".into()),
+                ]),
+            ),
+            (
+                "2-0".to_owned(),
+                pairs(&[
+                    ("ns", "/chat".into()),
+                    ("in", "i2".into()),
+                    ("m", stored("a", 2)),
+                    ("ep", "e1".into()),
+                    ("m", "not json".into()),
+                    ("ep", "lost".into()),
+                    ("m", stored("b", 1)),
+                    ("ep", "e2".into()),
+                ]),
+            ),
+        ];
+        let got: Vec<(String, String, u64, String, String, String)> = entries(raw)
+            .into_iter()
+            .map(|e| {
+                (
+                    e.id,
+                    e.message.room.as_str().to_owned(),
+                    e.message.offset,
+                    e.message.epoch.to_string(),
+                    e.message.namespace.as_str().to_owned(),
+                    e.message.instance.as_deref().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let row = |id: &str, room: &str, offset, epoch: &str, instance: &str| {
+            (
+                id.to_owned(),
+                room.to_owned(),
+                offset,
+                epoch.to_owned(),
+                "/chat".to_owned(),
+                instance.to_owned(),
+            )
+        };
+        assert_eq!(
+            got,
+            vec![
+                row("1-0", "a", 1, "e1", "i1"),
+                row("2-0", "a", 2, "e1", "i2"),
+                row("2-0", "b", 1, "e2", "i2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_entry_without_an_epoch_counts_in_the_empty_one() {
+        let raw = vec![("1-0".to_owned(), pairs(&[("m", stored("a", 7))]))];
+        let got = entries(raw);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&*got[0].message.epoch, "");
+        assert_eq!(got[0].message.namespace.as_str(), "/");
     }
 }

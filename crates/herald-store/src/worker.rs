@@ -162,29 +162,24 @@ impl Worker {
     }
 
     /// Writes one batch, retrying until the store takes it, then acknowledges it.
+    ///
+    /// A read can hold more than `BATCH_SIZE` messages (a queue entry may carry several, and
+    /// its messages are acknowledged together). Past twice the size it is written as equal
+    /// parts of at most `BATCH_SIZE`, one after the other, so that no transaction grows
+    /// beyond what the setting allows; the entries are acknowledged once every part is in.
     async fn store_batch(&self, entries: Vec<herald_core::Entry>) {
         let started = Instant::now();
         let messages: Vec<Arc<Message>> = entries.iter().map(|e| e.message.clone()).collect();
-        let mut backoff = Duration::from_millis(100);
-        let written = loop {
-            match self.store.write(&messages).await {
-                Ok(written) => {
-                    self.queue.store_status(None);
-                    break written;
-                }
-                Err(e) => {
-                    self.queue.store_status(Some(&e));
-                    if backoff == Duration::from_millis(100) {
-                        // The first failure of a batch: the gauges show what is held.
-                        self.report().await;
-                    }
-                    metrics::counter!(metric::RETRIES).increment(1);
-                    tracing::warn!(worker = %self.settings.id, error = %e, ?backoff, batch = messages.len(), "store write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.settings.max_backoff);
-                }
-            }
+        let size = self.settings.batch_size.max(1);
+        let parts = if messages.len() > 2 * size {
+            messages.len().div_ceil(size)
+        } else {
+            1
         };
+        let mut written = 0;
+        for part in messages.chunks(messages.len().div_ceil(parts).max(1)) {
+            written += self.write(part).await;
+        }
         let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
         if let Err(e) = self.queue.ack(&ids).await {
             // Unacknowledged entries come back, and the store skips what it already has.
@@ -200,5 +195,145 @@ impl Worker {
                 .unwrap_or(oldest);
             metrics::histogram!(metric::LAG).record((now - oldest).max(0) as f64 / 1000.0);
         }
+    }
+
+    /// Writes messages in one store write, retrying with capped backoff until the store
+    /// takes them; returns how many rows were new.
+    async fn write(&self, messages: &[Arc<Message>]) -> u64 {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store.write(messages).await {
+                Ok(written) => {
+                    self.queue.store_status(None);
+                    return written;
+                }
+                Err(e) => {
+                    self.queue.store_status(Some(&e));
+                    if backoff == Duration::from_millis(100) {
+                        // The first failure of a batch: the gauges show what is held.
+                        self.report().await;
+                    }
+                    metrics::counter!(metric::RETRIES).increment(1);
+                    tracing::warn!(worker = %self.settings.id, error = %e, ?backoff, batch = messages.len(), "store write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use herald_core::{BoxFuture, Entry, HistoryQuery, RoomKey, StoreError};
+
+    use super::*;
+
+    /// A queue that hands out its entries in one read, as a stream entry of the batch
+    /// script does with its messages, and records what is acknowledged.
+    struct OneRead {
+        entries: Mutex<Vec<Entry>>,
+        acked: Mutex<Vec<String>>,
+    }
+
+    impl PersistQueue for OneRead {
+        fn push(&self, _message: Arc<Message>) -> BoxFuture<'_, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn read(
+            &self,
+            _max: usize,
+            _wait: Duration,
+        ) -> BoxFuture<'_, Result<Vec<Entry>, StoreError>> {
+            let entries = std::mem::take(&mut *self.entries.lock().expect("entries"));
+            Box::pin(async move { Ok(entries) })
+        }
+
+        fn ack(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.acked.lock().expect("acked").extend_from_slice(ids);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn backlog(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+            Box::pin(async { Ok(0) })
+        }
+
+        fn pending(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    /// A store that records the size of every write.
+    #[derive(Default)]
+    struct Sizes(Mutex<Vec<usize>>);
+
+    impl Store for Sizes {
+        fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>> {
+            self.0.lock().expect("sizes").push(batch.len());
+            let n = batch.len() as u64;
+            Box::pin(async move { Ok(n) })
+        }
+
+        fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn history(
+            &self,
+            _key: &RoomKey,
+            _epoch: &str,
+            _query: HistoryQuery,
+        ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    /// `messages` messages in queue entries of `per_entry` each.
+    async fn drained(messages: u64, per_entry: u64) -> (Vec<usize>, Vec<String>) {
+        let key = herald_core::testsuite::key("parts");
+        let entries = (1..=messages)
+            .map(|offset| Entry {
+                id: format!("{}-0", (offset - 1) / per_entry),
+                message: Arc::new(
+                    herald_core::testsuite::publication(&key, &offset.to_string())
+                        .at(offset, "e".into()),
+                ),
+            })
+            .collect();
+        let queue = Arc::new(OneRead {
+            entries: Mutex::new(entries),
+            acked: Mutex::default(),
+        });
+        let store = Arc::new(Sizes::default());
+        let settings = WorkerSettings {
+            id: "parts".into(),
+            batch_size: 10,
+            batch_timeout: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        };
+        Worker::new(queue.clone(), store.clone(), settings)
+            .drain()
+            .await;
+        let sizes = store.0.lock().expect("sizes").clone();
+        let acked = queue.acked.lock().expect("acked").clone();
+        (sizes, acked)
+    }
+
+    #[tokio::test]
+    async fn a_read_far_past_the_batch_size_is_written_in_parts_no_larger_than_it() {
+        let (sizes, acked) = drained(45, 15).await;
+        assert_eq!(sizes, vec![9, 9, 9, 9, 9]);
+        let mut ids = acked.clone();
+        ids.dedup();
+        assert_eq!(ids, vec!["0-0", "1-0", "2-0"], "each entry acknowledged");
+    }
+
+    #[tokio::test]
+    async fn a_read_up_to_twice_the_batch_size_is_one_write() {
+        let (sizes, _) = drained(20, 20).await;
+        assert_eq!(sizes, vec![20]);
     }
 }
