@@ -76,18 +76,25 @@ local size = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local budget = tonumber(ARGV[4])
 local n = (#KEYS - 1) / 3
+-- Each room's epoch, once read or set: only this script changes it while it runs.
+local epochs = {}
 local function assign(k, a)
   local off = redis.call('INCR', KEYS[k])
   local fresh = off == 1
   if fresh then
     redis.call('DEL', KEYS[k + 1])
     redis.call('SET', KEYS[k + 2], ARGV[3])
+    epochs[KEYS[k + 2]] = ARGV[3]
   end
-  local epoch = redis.call('GET', KEYS[k + 2])
+  local epoch = epochs[KEYS[k + 2]]
   if not epoch then
-    epoch = ARGV[3]
-    fresh = true
-    redis.call('SET', KEYS[k + 2], epoch)
+    epoch = redis.call('GET', KEYS[k + 2])
+    if not epoch then
+      epoch = ARGV[3]
+      fresh = true
+      redis.call('SET', KEYS[k + 2], epoch)
+    end
+    epochs[KEYS[k + 2]] = epoch
   end
   local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
   if size > 0 then

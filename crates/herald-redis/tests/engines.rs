@@ -155,6 +155,23 @@ async fn a_batch_goes_to_the_persist_stream_in_few_entries_and_comes_out_as_its_
         .into_iter()
         .map(|a| a.expect("each message published"))
         .collect();
+    for room in &rooms {
+        let page = broker
+            .history(
+                room,
+                herald_core::HistoryQuery {
+                    since: None,
+                    before: None,
+                    limit: 1,
+                },
+            )
+            .await
+            .expect("history");
+        assert_eq!(page.position.offset, 150, "150 messages in each room");
+        for message in published.iter().filter(|m| m.room == room.room) {
+            assert_eq!(message.epoch, page.position.epoch, "one epoch per room");
+        }
+    }
     let mut conn = inspect().await;
     let stream = herald_redis::persist::stream_key(&settings.key);
     let len: u64 = redis::cmd("XLEN")
