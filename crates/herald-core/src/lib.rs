@@ -31,7 +31,9 @@ pub use broker::{
     Broker, BrokerError, DeliverySink, HistoryPage, HistoryQuery, LocalNode, LocalSocket, Position,
     RemoteAction, Selector,
 };
-pub use message::{Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication};
+pub use message::{
+    Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication, json_nul_escapes,
+};
 pub use presence::{Presence, PresenceError};
 pub use room::{ConnId, Namespace, RoomError, RoomKey, RoomName, RoomPatterns, UserId};
 pub use store::{Entry, PersistQueue, Store, StoreError};

@@ -130,3 +130,33 @@ impl Delivery {
         }
     }
 }
+
+/// Where JSON text holds the escape `\u0000` (the NUL character), as byte offsets of its
+/// backslash. `\\u0000` (a backslash, then the text `u0000`) is not one.
+pub fn json_nul_escapes(json: &str) -> Vec<usize> {
+    let bytes = json.as_bytes();
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(at) = json[from..].find("u0000").map(|i| from + i) {
+        let backslashes = bytes[..at].iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 1 {
+            found.push(at - 1);
+        }
+        from = at + 5;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not_taken_for_them() {
+        assert_eq!(json_nul_escapes(r#"{"a":"\u0000"}"#), vec![6]);
+        assert_eq!(json_nul_escapes(r#"{"a":"\\u0000"}"#), Vec::<usize>::new());
+        assert_eq!(json_nul_escapes(r#"{"a":"\\\u0000x\u0000"}"#), vec![8, 15]);
+        assert_eq!(json_nul_escapes(r#"{"u0000":1}"#), Vec::<usize>::new());
+        assert_eq!(json_nul_escapes(r#"["\u00001"]"#), vec![2]);
+    }
+}

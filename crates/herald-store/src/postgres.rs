@@ -2,7 +2,6 @@
 //! its own; a batch that meets a row already stored (a re-delivered queue entry) is instead
 //! copied into a staging table and inserted with `ON CONFLICT DO NOTHING`, in one transaction.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,88 +34,115 @@ impl PostgresStore {
     }
 }
 
-/// Appends `value` as one CSV field.
-fn csv_field(out: &mut String, value: &str) {
-    out.push('"');
-    let mut rest = value;
-    while let Some(quote) = rest.find('"') {
-        out.push_str(&rest[..=quote]);
-        out.push('"');
-        rest = &rest[quote + 1..];
-    }
-    out.push_str(rest);
-    out.push('"');
-}
-
-/// The columns of [`csv`]'s rows, in order.
+/// The columns of [`copy_rows`]' rows, in order.
 const COLUMNS: &str =
     r#"id, namespace, room, epoch, "offset", sender, payload, created_at, instance"#;
 
 /// The latest time RFC 3339 can write (9999-12-31T23:59:59.999Z), in ms since the epoch.
 const MAX_TS: i64 = 253_402_300_799_999;
 
-/// The batch as CSV rows for COPY, in [`COLUMNS`]' order: `created_at` is RFC 3339 in UTC,
-/// and `instance` is an unquoted empty field, which COPY reads as NULL, when unknown.
-fn csv(batch: &[Arc<Message>]) -> String {
-    let mut out = String::with_capacity(batch.len() * 192);
-    for m in batch {
-        for field in [
-            m.id.as_str(),
-            m.namespace.as_str(),
-            m.room.as_str(),
-            &m.epoch,
-        ] {
-            csv_field(&mut out, field);
-            out.push(',');
-        }
-        let _ = write!(out, "{},", m.offset);
-        csv_field(&mut out, m.from.as_str());
-        out.push(',');
-        csv_field(&mut out, m.data.get());
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(m.ts.clamp(0, MAX_TS) as u64);
-        let _ = write!(out, ",{},", humantime::format_rfc3339_millis(at));
-        if let Some(instance) = &m.instance {
-            csv_field(&mut out, instance);
-        }
-        out.push('\n');
+/// 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin, in ms since the Unix epoch.
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+
+/// The signature and empty header of COPY's binary format.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Appends one field of COPY's binary format: its length, then its bytes.
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends a text field. PostgreSQL text cannot hold NUL, which would fail the whole batch
+/// for good; it is stored as U+FFFD instead.
+fn text_field(out: &mut Vec<u8>, value: &str, replaced: &mut usize) {
+    if value.contains('\0') {
+        *replaced += value.matches('\0').count();
+        field(out, value.replace('\0', "\u{FFFD}").as_bytes());
+    } else {
+        field(out, value.as_bytes());
     }
-    out
+}
+
+/// Appends a `jsonb` field: the format's version (1), then the JSON text. `jsonb` cannot
+/// hold `\u0000` either; each is stored as `\ufffd`.
+fn jsonb_field(out: &mut Vec<u8>, json: &str, replaced: &mut usize) {
+    let nuls = herald_core::json_nul_escapes(json);
+    let len = i32::try_from(json.len() + 1).unwrap_or(i32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(1);
+    let mut rest = 0;
+    for at in &nuls {
+        out.extend_from_slice(&json.as_bytes()[rest..*at]);
+        out.extend_from_slice(br"\ufffd");
+        rest = at + 6;
+    }
+    out.extend_from_slice(&json.as_bytes()[rest..]);
+    *replaced += nuls.len();
+}
+
+/// The batch in COPY's binary format, in [`COLUMNS`]' order, and how many NUL characters
+/// had to be replaced. Binary rows spare PostgreSQL parsing numbers and timestamps from
+/// text, and herald quoting every field.
+fn copy_rows(batch: &[Arc<Message>]) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(COPY_HEADER.len() + 2 + batch.len() * 256);
+    let mut replaced = 0;
+    out.extend_from_slice(COPY_HEADER);
+    for m in batch {
+        out.extend_from_slice(&9i16.to_be_bytes());
+        text_field(&mut out, &m.id, &mut replaced);
+        text_field(&mut out, m.namespace.as_str(), &mut replaced);
+        text_field(&mut out, m.room.as_str(), &mut replaced);
+        text_field(&mut out, &m.epoch, &mut replaced);
+        field(&mut out, &sql_offset(m.offset).to_be_bytes());
+        text_field(&mut out, m.from.as_str(), &mut replaced);
+        jsonb_field(&mut out, m.data.get(), &mut replaced);
+        let micros = (m.ts.clamp(0, MAX_TS) - PG_EPOCH_MS) * 1000;
+        field(&mut out, &micros.to_be_bytes());
+        match &m.instance {
+            Some(instance) => text_field(&mut out, instance, &mut replaced),
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    (out, replaced)
 }
 
 impl PostgresStore {
     /// The fast path: one COPY into `messages`, atomic and committed on its own.
-    async fn copy(&self, rows: &str) -> Result<u64, sqlx::Error> {
+    async fn copy(&self, rows: &[u8]) -> Result<u64, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let mut copy = conn
             .copy_in_raw(&format!(
-                "COPY messages ({COLUMNS}) FROM STDIN WITH (FORMAT csv)"
+                "COPY messages ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
             ))
             .await?;
-        copy.send(rows.as_bytes()).await?;
+        copy.send(rows).await?;
         copy.finish().await
     }
 
     /// The path for batches holding rows that are stored already: COPY into a staging table,
     /// then insert what is new, in one transaction.
-    async fn merge(&self, rows: &str) -> Result<u64, sqlx::Error> {
+    async fn merge(&self, rows: &[u8]) -> Result<u64, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             r#"CREATE TEMP TABLE staging (id TEXT, namespace TEXT, room TEXT, epoch TEXT,
-               "offset" BIGINT, sender TEXT, payload TEXT, created_at TIMESTAMPTZ, instance TEXT)
+               "offset" BIGINT, sender TEXT, payload JSONB, created_at TIMESTAMPTZ, instance TEXT)
                ON COMMIT DROP"#,
         )
         .execute(&mut *tx)
         .await?;
         let mut copy = tx
             .copy_in_raw(&format!(
-                "COPY staging ({COLUMNS}) FROM STDIN WITH (FORMAT csv)"
+                "COPY staging ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
             ))
             .await?;
-        copy.send(rows.as_bytes()).await?;
+        copy.send(rows).await?;
         copy.finish().await?;
         let written = sqlx::query(&format!(
             r#"INSERT INTO messages ({COLUMNS})
-               SELECT id, namespace, room, epoch, "offset", sender, payload::jsonb, created_at, instance
+               SELECT id, namespace, room, epoch, "offset", sender, payload, created_at, instance
                FROM staging ORDER BY namespace, room, epoch, "offset"
                ON CONFLICT DO NOTHING"#
         ))
@@ -137,7 +163,13 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 impl Store for PostgresStore {
     fn write(&self, batch: &[Arc<Message>]) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let rows = csv(batch);
+        let (rows, replaced) = copy_rows(batch);
+        if replaced > 0 {
+            tracing::warn!(
+                replaced,
+                "PostgreSQL cannot store the NUL character: stored as U+FFFD"
+            );
+        }
         Box::pin(async move {
             match self.copy(&rows).await {
                 Ok(written) => Ok(written),
@@ -213,9 +245,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn csv_fields_are_quoted_and_quotes_doubled() {
-        let mut out = String::new();
-        csv_field(&mut out, r#"{"a":"b,c"}"#);
-        assert_eq!(out, r#""{""a"":""b,c""}""#);
+    fn nul_is_replaced_in_text_and_json_and_nothing_else_changes() {
+        let mut out = Vec::new();
+        let mut replaced = 0;
+        text_field(&mut out, "a\0b", &mut replaced);
+        jsonb_field(&mut out, r#"{"x":"\u0000","y":"\\u0000"}"#, &mut replaced);
+        assert_eq!(replaced, 2);
+        let text = "a\u{FFFD}b";
+        let json = r#"{"x":"\ufffd","y":"\\u0000"}"#;
+        let mut want = Vec::new();
+        want.extend_from_slice(&(text.len() as i32).to_be_bytes());
+        want.extend_from_slice(text.as_bytes());
+        want.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
+        want.push(1);
+        want.extend_from_slice(json.as_bytes());
+        assert_eq!(out, want);
     }
 }

@@ -240,3 +240,43 @@ async fn the_worker_writes_postgres_batches_in_parallel_and_stores_each_message_
         "all acknowledged"
     );
 }
+
+/// PostgreSQL's text and `jsonb` cannot hold the NUL character. A message carrying one (from
+/// a peer, or queued before herald refused them) must not fail its batch for good and stall
+/// the worker: it is stored with U+FFFD in its place, the rest of the batch beside it, and the
+/// row's timestamp and offset come back as written.
+#[tokio::test]
+async fn postgres_stores_a_batch_holding_nul_characters_instead_of_failing_it() {
+    let url = testing::postgres_url().await;
+    let store = PostgresStore::connect(&url).await.expect("postgres");
+    let key = herald_core::testsuite::key("nul");
+    let mut poisoned = herald_core::testsuite::publication(&key, r#"{"t":"a\u0000b"}"#);
+    poisoned.from = herald_core::UserId::new("eve\0");
+    poisoned.ts = 1_700_000_000_123;
+    let batch: Vec<Arc<herald_core::Message>> = vec![
+        Arc::new(herald_core::testsuite::publication(&key, "1").at(1, "e".into())),
+        Arc::new(poisoned.at(2, "e".into())),
+        Arc::new(herald_core::testsuite::publication(&key, "3").at(3, "e".into())),
+    ];
+    assert_eq!(store.write(&batch).await.expect("the batch is stored"), 3);
+    let all = herald_core::HistoryQuery {
+        since: Some(0),
+        before: None,
+        limit: 10,
+    };
+    let rows = store.history(&key, "e", all).await.expect("history");
+    let got: Vec<(u64, String, String, i64)> = rows
+        .iter()
+        .map(|m| (m.offset, m.from.to_string(), m.data.get().to_owned(), m.ts))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "tester".to_owned(), "1".to_owned(), 1),
+            (2, "eve\u{FFFD}".to_owned(), r#"{"t": "a�b"}"#.to_owned(), 1_700_000_000_123),
+            (3, "tester".to_owned(), "3".to_owned(), 1),
+        ]
+    );
+    // Written again (a re-delivered batch), through the staging path: nothing new.
+    assert_eq!(store.write(&batch).await.expect("idempotent"), 0);
+}
