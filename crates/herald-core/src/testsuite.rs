@@ -337,6 +337,21 @@ pub async fn history_is_capped_and_says_when_a_gap_is_lost(
     assert_eq!(offsets(&page.messages), (3..=total).collect::<Vec<_>>());
     assert!(!page.complete, "offsets 1 and 2 were trimmed");
 
+    // A short page from before the cap starts at the oldest message kept.
+    let page = broker
+        .history(
+            &key,
+            HistoryQuery {
+                since: Some(0),
+                before: None,
+                limit: 2,
+            },
+        )
+        .await
+        .expect("history");
+    assert_eq!(offsets(&page.messages), vec![3, 4]);
+    assert!(!page.complete);
+
     let page = broker
         .history(
             &key,

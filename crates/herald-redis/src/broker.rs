@@ -44,7 +44,7 @@ if not epoch then
 end
 local size = tonumber(ARGV[6])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
 end
 if ARGV[9] == '1' then
   redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5], 'ep', epoch, 'in', ARGV[11])
@@ -98,7 +98,7 @@ local function assign(k, a)
   end
   local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
   if size > 0 then
-    redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, off .. '-1', 'm', stored)
+    redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', size, off .. '-1', 'm', stored)
   end
   if ttl > 0 and (fresh or ARGV[a + 8] == '1') then
     redis.call('EXPIRE', KEYS[k], ttl)
@@ -548,6 +548,26 @@ impl Inner {
             entries.reverse();
         }
         let top = top.unwrap_or(0);
+        // The publish scripts trim the stream in whole nodes (`MAXLEN ~`), so it may hold a
+        // few entries more than `history_size`: offsets at or below `floor` count as trimmed,
+        // exactly as in memory.
+        let floor = top.saturating_sub(self.settings.history_size as u64);
+        if let Some(since) = query.since
+            && since < floor
+            && entries.len() >= limit.max(1)
+        {
+            // The page filled up below the floor: read it again from the floor.
+            let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
+            entries = redis::cmd("XRANGE")
+                .arg(&history_key)
+                .arg(format!("({floor}-1"))
+                .arg(end)
+                .arg("COUNT")
+                .arg(limit.max(1))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+        }
         let epoch: Arc<str> = epoch.unwrap_or_else(|| "0".to_owned()).into();
         let mut messages: Vec<Arc<Message>> = entries
             .into_iter()
@@ -559,6 +579,7 @@ impl Inner {
                     ..stored.into_message(&key.namespace)
                 })
             })
+            .filter(|m| m.offset > floor)
             .collect();
         if limit == 0 {
             messages.clear();
@@ -567,7 +588,8 @@ impl Inner {
             .first()
             .and_then(|(id, _)| id.split('-').next())
             .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(top + 1);
+            .unwrap_or(top + 1)
+            .max(floor + 1);
         let end = query.before.unwrap_or(u64::MAX).min(top + 1);
         let complete = match query.since {
             Some(since) => {
