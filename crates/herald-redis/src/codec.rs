@@ -254,7 +254,7 @@ pub fn decode_broadcast(bytes: &[u8]) -> Result<Broadcast, CodecError> {
     };
     let mut parts = parts.into_iter();
     let uid = parts.next().and_then(|v| v.as_str().map(str::to_owned));
-    let Some(Value::Map(packet)) = parts.next() else {
+    let Some(Value::Map(mut packet)) = parts.next() else {
         return Err(CodecError::Shape("packet is not a map"));
     };
     let opts = match parts.next() {
@@ -265,10 +265,15 @@ pub fn decode_broadcast(bytes: &[u8]) -> Result<Broadcast, CodecError> {
         .and_then(Value::as_str)
         .unwrap_or("/")
         .to_owned();
-    let Some(Value::Array(data)) = get(&packet, "data") else {
+    // Taken out of the packet rather than cloned: it holds the whole message.
+    let data = packet
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some("data"))
+        .map(|(_, v)| std::mem::replace(v, Value::Nil));
+    let Some(Value::Array(data)) = data else {
         return Err(CodecError::Shape("packet data is not an array"));
     };
-    let mut data = data.iter().cloned();
+    let mut data = data.into_iter();
     let event = match data.next() {
         Some(Value::String(s)) => s
             .into_str()
@@ -323,8 +328,19 @@ impl StoredMessage {
 
 /// Reads a broadcast's first argument as a herald message, if it is one.
 pub fn message_from_arg(namespace: &Namespace, arg: &Value) -> Option<Message> {
-    let json = serde_json::to_string(arg).ok()?;
-    let stored: StoredMessage = serde_json::from_str(&json).ok()?;
+    let Value::Map(fields) = arg else {
+        return None;
+    };
+    let text = |key| get(fields, key).and_then(Value::as_str);
+    let stored = StoredMessage {
+        room: RoomName::new(text("room")?).ok()?,
+        id: text("id")?.to_owned(),
+        offset: get(fields, "offset")?.as_u64()?,
+        from: text("from")?.to_owned(),
+        // Only the payload goes through JSON text; the other fields are read as they are.
+        data: to_json(get(fields, "data")?).ok()?,
+        ts: get(fields, "ts")?.as_i64()?,
+    };
     Some(stored.into_message(namespace))
 }
 
