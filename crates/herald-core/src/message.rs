@@ -138,7 +138,11 @@ pub fn json_nul_escapes(json: &str) -> Vec<usize> {
     let mut found = Vec::new();
     let mut from = 0;
     while let Some(at) = json[from..].find("u0000").map(|i| from + i) {
-        let backslashes = bytes[..at].iter().rev().take_while(|b| **b == b'\\').count();
+        let backslashes = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|b| **b == b'\\')
+            .count();
         if backslashes % 2 == 1 {
             found.push(at - 1);
         }

@@ -42,12 +42,15 @@ if not epoch then
   fresh = true
   redis.call('SET', KEYS[3], epoch)
 end
+-- Lua writes a number as text through printf's floating point path: once is enough.
+local text = tostring(off)
+local stored = ARGV[4] .. text .. ARGV[5]
 local size = tonumber(ARGV[6])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, off .. '-1', 'm', ARGV[4] .. off .. ARGV[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, text .. '-1', 'm', stored)
 end
 if ARGV[9] == '1' then
-  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', ARGV[4] .. off .. ARGV[5], 'ep', epoch, 'in', ARGV[11])
+  redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', stored, 'ep', epoch, 'in', ARGV[11])
 end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 and (fresh or ARGV[12] == '1') then
@@ -96,22 +99,24 @@ local function assign(k, a)
     end
     epochs[KEYS[k + 2]] = epoch
   end
-  local stored = ARGV[a + 3] .. off .. ARGV[a + 4]
+  -- Lua writes a number as text through printf's floating point path: once is enough.
+  local text = tostring(off)
+  local stored = ARGV[a + 3] .. text .. ARGV[a + 4]
   if size > 0 then
-    redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', size, off .. '-1', 'm', stored)
+    redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', size, text .. '-1', 'm', stored)
   end
   if ttl > 0 and (fresh or ARGV[a + 8] == '1') then
     redis.call('EXPIRE', KEYS[k], ttl)
     redis.call('EXPIRE', KEYS[k + 1], ttl)
     redis.call('EXPIRE', KEYS[k + 2], ttl)
   end
-  return {off, epoch, stored}
+  return off, epoch, stored
 end
-local done, errs = {}, {}
+local offs, epochs_of, stored_of, errs = {}, {}, {}, {}
 for i = 1, n do
-  local ok, res = pcall(assign, 2 + 3 * (i - 1), 5 + 9 * (i - 1))
+  local ok, res, epoch, stored = pcall(assign, 2 + 3 * (i - 1), 5 + 9 * (i - 1))
   if ok then
-    done[i] = res
+    offs[i], epochs_of[i], stored_of[i] = res, epoch, stored
   else
     errs[i] = type(res) == 'table' and tostring(res.err) or tostring(res)
   end
@@ -125,7 +130,7 @@ local function flush()
   if not ok then
     local err = type(res) == 'table' and tostring(res.err) or tostring(res)
     for _, i in ipairs(members) do
-      done[i] = nil
+      offs[i] = nil
       errs[i] = err
     end
   end
@@ -133,8 +138,8 @@ local function flush()
 end
 for i = 1, n do
   local a = 5 + 9 * (i - 1)
-  if done[i] and ARGV[a + 5] == '1' then
-    local stored = done[i][3]
+  if offs[i] and ARGV[a + 5] == '1' then
+    local stored = stored_of[i]
     if #members > 0 and (fields[2] ~= ARGV[a + 6] or fields[4] ~= ARGV[a + 7] or bytes + #stored > budget) then
       flush()
     end
@@ -144,7 +149,7 @@ for i = 1, n do
     fields[#fields + 1] = 'm'
     fields[#fields + 1] = stored
     fields[#fields + 1] = 'ep'
-    fields[#fields + 1] = done[i][2]
+    fields[#fields + 1] = epochs_of[i]
     members[#members + 1] = i
     bytes = bytes + #stored
   end
@@ -153,12 +158,12 @@ flush()
 local out = {}
 for i = 1, n do
   local a = 5 + 9 * (i - 1)
-  if done[i] then
-    local off = done[i][1]
+  if offs[i] then
+    local off = offs[i]
     -- Stored and numbered already: a failed live delivery is recovered by offset.
     pcall(redis.call, 'PUBLISH', ARGV[a], ARGV[a + 1] .. cmsgpack.pack(off) .. ARGV[a + 2])
     out[#out + 1] = off
-    out[#out + 1] = done[i][2]
+    out[#out + 1] = epochs_of[i]
   else
     out[#out + 1] = -1
     out[#out + 1] = errs[i]

@@ -273,7 +273,12 @@ async fn postgres_stores_a_batch_holding_nul_characters_instead_of_failing_it() 
         got,
         vec![
             (1, "tester".to_owned(), "1".to_owned(), 1),
-            (2, "eve\u{FFFD}".to_owned(), r#"{"t": "a�b"}"#.to_owned(), 1_700_000_000_123),
+            (
+                2,
+                "eve\u{FFFD}".to_owned(),
+                r#"{"t": "a�b"}"#.to_owned(),
+                1_700_000_000_123
+            ),
             (3, "tester".to_owned(), "3".to_owned(), 1),
         ]
     );
