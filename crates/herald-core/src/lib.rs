@@ -32,7 +32,8 @@ pub use broker::{
     RemoteAction, Selector,
 };
 pub use message::{
-    Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication, json_nul_escapes,
+    BadEscape, Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication,
+    json_bad_escapes,
 };
 pub use presence::{Presence, PresenceError};
 pub use room::{ConnId, Namespace, RoomError, RoomKey, RoomName, RoomPatterns, UserId};

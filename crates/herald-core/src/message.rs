@@ -131,22 +131,58 @@ impl Delivery {
     }
 }
 
-/// Where JSON text holds the escape `\u0000` (the NUL character), as byte offsets of its
-/// backslash. `\\u0000` (a backslash, then the text `u0000`) is not one.
-pub fn json_nul_escapes(json: &str) -> Vec<usize> {
+/// A `\uXXXX` escape in JSON text that PostgreSQL's `jsonb` refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadEscape {
+    /// `\u0000`: `jsonb` and `text` cannot hold the NUL character.
+    Nul,
+    /// A UTF-16 surrogate that is not half of a high-low pair: not a Unicode character at
+    /// all, though serde_json's raw values let it through.
+    LoneSurrogate,
+}
+
+/// The escapes in JSON text that PostgreSQL's `jsonb` refuses, each with the byte offset of
+/// its backslash (each is six bytes long). A backslash can only stand inside a string in
+/// JSON, so the text is scanned as a whole; text without one is answered at once.
+pub fn json_bad_escapes(json: &str) -> Vec<(usize, BadEscape)> {
     let bytes = json.as_bytes();
     let mut found = Vec::new();
-    let mut from = 0;
-    while let Some(at) = json[from..].find("u0000").map(|i| from + i) {
-        let backslashes = bytes[..at]
-            .iter()
-            .rev()
-            .take_while(|b| **b == b'\\')
-            .count();
-        if backslashes % 2 == 1 {
-            found.push(at - 1);
+    let Some(mut at) = json.find('\\') else {
+        return found;
+    };
+    let unit = |at: usize| -> Option<u16> {
+        if bytes.get(at) != Some(&b'\\') || bytes.get(at + 1) != Some(&b'u') {
+            return None;
         }
-        from = at + 5;
+        let hex = json.get(at + 2..at + 6)?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    while at < bytes.len() {
+        if bytes[at] != b'\\' {
+            at += 1;
+            continue;
+        }
+        match unit(at) {
+            Some(0) => {
+                found.push((at, BadEscape::Nul));
+                at += 6;
+            }
+            Some(0xD800..=0xDBFF) => {
+                if matches!(unit(at + 6), Some(0xDC00..=0xDFFF)) {
+                    at += 12;
+                } else {
+                    found.push((at, BadEscape::LoneSurrogate));
+                    at += 6;
+                }
+            }
+            Some(0xDC00..=0xDFFF) => {
+                found.push((at, BadEscape::LoneSurrogate));
+                at += 6;
+            }
+            Some(_) => at += 6,
+            // Any other escape is two bytes: `\\`, `\"`, `\n`…
+            None => at += 2,
+        }
     }
     found
 }
@@ -155,12 +191,36 @@ pub fn json_nul_escapes(json: &str) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    fn at(json: &str) -> Vec<(usize, BadEscape)> {
+        json_bad_escapes(json)
+    }
+
     #[test]
     fn nul_escapes_are_found_and_escaped_backslashes_are_not_taken_for_them() {
-        assert_eq!(json_nul_escapes(r#"{"a":"\u0000"}"#), vec![6]);
-        assert_eq!(json_nul_escapes(r#"{"a":"\\u0000"}"#), Vec::<usize>::new());
-        assert_eq!(json_nul_escapes(r#"{"a":"\\\u0000x\u0000"}"#), vec![8, 15]);
-        assert_eq!(json_nul_escapes(r#"{"u0000":1}"#), Vec::<usize>::new());
-        assert_eq!(json_nul_escapes(r#"["\u00001"]"#), vec![2]);
+        use BadEscape::Nul;
+        assert_eq!(at(r#"{"a":"\u0000"}"#), vec![(6, Nul)]);
+        assert_eq!(at(r#"{"a":"\\u0000"}"#), vec![]);
+        assert_eq!(at(r#"{"a":"\\\u0000x\u0000"}"#), vec![(8, Nul), (15, Nul)]);
+        assert_eq!(at(r#"{"u0000":1}"#), vec![]);
+        assert_eq!(at(r#"["\u00001"]"#), vec![(2, Nul)]);
+    }
+
+    #[test]
+    fn surrogates_are_bad_alone_and_fine_in_pairs() {
+        use BadEscape::LoneSurrogate as Lone;
+        assert_eq!(at(r#"["\ud83d\ude00"]"#), vec![], "a pair: 😀");
+        assert_eq!(at(r#"["\uD83D\uDE00"]"#), vec![], "upper case hex");
+        assert_eq!(at(r#"["\ud800"]"#), vec![(2, Lone)]);
+        assert_eq!(at(r#"["\ud800x"]"#), vec![(2, Lone)]);
+        assert_eq!(at(r#"["\ud800\u0041"]"#), vec![(2, Lone)]);
+        assert_eq!(at(r#"["\udc00"]"#), vec![(2, Lone)]);
+        assert_eq!(at(r#"["\ud800\ud800\udc00"]"#), vec![(2, Lone)]);
+        assert_eq!(at(r#"["\u00e9\n\"\\"]"#), vec![]);
+        assert_eq!(at(r#"["\ud800"#), vec![(2, Lone)], "cut short");
+        assert_eq!(
+            at(r#"["\u12"]"#),
+            vec![],
+            "not an escape PostgreSQL will see"
+        );
     }
 }

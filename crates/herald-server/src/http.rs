@@ -441,7 +441,9 @@ async fn room_history(
     })))
 }
 
-/// A message's data (`null` when absent), within `HERALD_MAX_PAYLOAD`.
+/// A message's data (`null` when absent), within `HERALD_MAX_PAYLOAD`, and Unicode: the
+/// socket transports parse data into values, which refuse an unpaired UTF-16 surrogate
+/// escape, but a raw value lets it through.
 fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue>, ApiError> {
     let data = match data {
         Some(data) => data,
@@ -454,6 +456,15 @@ fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue
             data.get().len(),
             state.config.max_payload,
         ));
+    }
+    if let Some((at, _)) = herald_core::json_bad_escapes(data.get())
+        .into_iter()
+        .find(|(_, e)| *e == herald_core::BadEscape::LoneSurrogate)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "data holds an unpaired UTF-16 surrogate ({}) at byte {at}: not a Unicode character",
+            &data.get()[at..at + 6]
+        )));
     }
     Ok(data)
 }

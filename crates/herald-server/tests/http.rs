@@ -197,3 +197,58 @@ async fn a_batch_publish_answers_each_message_in_order_and_refuses_bad_ones_alon
         "refused batches publish nothing: {history}"
     );
 }
+
+/// JSON lets a string escape half of a UTF-16 surrogate pair (`"\ud800"`), which is no
+/// Unicode character: PostgreSQL's `jsonb` refuses it, and the socket transports, which
+/// parse data into values, refuse it too. The API says so for that message alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_data_with_an_unpaired_surrogate_and_takes_the_rest() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let post = |body: &'static str| {
+        http.post(server.url("/api/publish"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let response = post(r#"{"room": "lone", "data": {"s": "\ud800"}}"#)
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "bad_request", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(r"\ud800")),
+        "{body}"
+    );
+
+    let response = post(
+        r#"{"messages": [
+            {"room": "lone", "data": "\ud83d\ude00"},
+            {"room": "lone", "data": "\udc00"},
+            {"room": "lone", "data": "\\ud800"}
+        ]}"#,
+    )
+    .await
+    .expect("post");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let summary: Vec<(Value, Value)> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| (r["offset"].clone(), r["error"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (json!(1), Value::Null),
+            (Value::Null, json!("bad_request")),
+            (json!(2), Value::Null),
+        ],
+        "a pair and an escaped backslash are fine: {body}"
+    );
+}

@@ -65,25 +65,26 @@ fn text_field(out: &mut Vec<u8>, value: &str, replaced: &mut usize) {
     }
 }
 
-/// Appends a `jsonb` field: the format's version (1), then the JSON text. `jsonb` cannot
-/// hold `\u0000` either; each is stored as `\ufffd`.
+/// Appends a `jsonb` field: the format's version (1), then the JSON text. `jsonb` refuses
+/// `\u0000` and unpaired UTF-16 surrogates (see [`herald_core::json_bad_escapes`]); each is
+/// stored as `\ufffd`, which has the same length.
 fn jsonb_field(out: &mut Vec<u8>, json: &str, replaced: &mut usize) {
-    let nuls = herald_core::json_nul_escapes(json);
+    let bad = herald_core::json_bad_escapes(json);
     let len = i32::try_from(json.len() + 1).unwrap_or(i32::MAX);
     out.extend_from_slice(&len.to_be_bytes());
     out.push(1);
     let mut rest = 0;
-    for at in &nuls {
+    for (at, _) in &bad {
         out.extend_from_slice(&json.as_bytes()[rest..*at]);
         out.extend_from_slice(br"\ufffd");
         rest = at + 6;
     }
     out.extend_from_slice(&json.as_bytes()[rest..]);
-    *replaced += nuls.len();
+    *replaced += bad.len();
 }
 
-/// The batch in COPY's binary format, in [`COLUMNS`]' order, and how many NUL characters
-/// had to be replaced. Binary rows spare PostgreSQL parsing numbers and timestamps from
+/// The batch in COPY's binary format, in [`COLUMNS`]' order, and how many characters
+/// PostgreSQL cannot hold had to be replaced. Binary rows spare PostgreSQL parsing numbers and timestamps from
 /// text, and herald quoting every field.
 fn copy_rows(batch: &[Arc<Message>]) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(COPY_HEADER.len() + 2 + batch.len() * 256);
@@ -167,7 +168,7 @@ impl Store for PostgresStore {
         if replaced > 0 {
             tracing::warn!(
                 replaced,
-                "PostgreSQL cannot store the NUL character: stored as U+FFFD"
+                "PostgreSQL cannot store NUL characters or unpaired surrogates: stored as U+FFFD"
             );
         }
         Box::pin(async move {

@@ -241,16 +241,17 @@ async fn the_worker_writes_postgres_batches_in_parallel_and_stores_each_message_
     );
 }
 
-/// PostgreSQL's text and `jsonb` cannot hold the NUL character. A message carrying one (from
-/// a peer, or queued before herald refused them) must not fail its batch for good and stall
-/// the worker: it is stored with U+FFFD in its place, the rest of the batch beside it, and the
-/// row's timestamp and offset come back as written.
+/// PostgreSQL's text and `jsonb` cannot hold the NUL character, and `jsonb` refuses unpaired
+/// UTF-16 surrogates. A message carrying either must not fail its batch for good and stall
+/// the worker: it is stored with U+FFFD in their place, the rest of the batch beside it, and
+/// the row's timestamp and offset come back as written.
 #[tokio::test]
-async fn postgres_stores_a_batch_holding_nul_characters_instead_of_failing_it() {
+async fn postgres_stores_a_batch_holding_characters_it_cannot_keep_instead_of_failing_it() {
     let url = testing::postgres_url().await;
     let store = PostgresStore::connect(&url).await.expect("postgres");
     let key = herald_core::testsuite::key("nul");
-    let mut poisoned = herald_core::testsuite::publication(&key, r#"{"t":"a\u0000b"}"#);
+    let mut poisoned =
+        herald_core::testsuite::publication(&key, r#"{"t":"a\u0000b","s":"\ud800"}"#);
     poisoned.from = herald_core::UserId::new("eve\0");
     poisoned.ts = 1_700_000_000_123;
     let batch: Vec<Arc<herald_core::Message>> = vec![
@@ -276,7 +277,7 @@ async fn postgres_stores_a_batch_holding_nul_characters_instead_of_failing_it() 
             (
                 2,
                 "eve\u{FFFD}".to_owned(),
-                r#"{"t": "a�b"}"#.to_owned(),
+                r#"{"s": "�", "t": "a�b"}"#.to_owned(),
                 1_700_000_000_123
             ),
             (3, "tester".to_owned(), "3".to_owned(), 1),
