@@ -441,9 +441,8 @@ async fn room_history(
     })))
 }
 
-/// A message's data (`null` when absent), within `HERALD_MAX_PAYLOAD`, and Unicode: the
-/// socket transports parse data into values, which refuse an unpaired UTF-16 surrogate
-/// escape, but a raw value lets it through.
+/// A message's data (`null` when absent), within `HERALD_MAX_PAYLOAD`, and holding only what
+/// a JSON value can (see [`Storable`]).
 fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue>, ApiError> {
     let data = match data {
         Some(data) => data,
@@ -457,6 +456,7 @@ fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue
             state.config.max_payload,
         ));
     }
+    // serde_json words an unpaired surrogate as a broken escape; say what it is.
     if let Some((at, _)) = herald_core::json_bad_escapes(data.get())
         .into_iter()
         .find(|(_, e)| *e == herald_core::BadEscape::LoneSurrogate)
@@ -466,7 +466,66 @@ fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue
             &data.get()[at..at + 6]
         )));
     }
+    serde_json::from_str::<Storable>(data.get())
+        .map_err(|e| ApiError::BadRequest(format!("data cannot be kept: {e}")))?;
     Ok(data)
+}
+
+/// Reads JSON the way a JSON value would, keeping nothing. A raw value is only checked for
+/// syntax, so it lets through what the socket transports (which parse data into values) and
+/// PostgreSQL's `jsonb` refuse: an unpaired UTF-16 surrogate escape (`"\ud800"`, no Unicode
+/// character) and a number beyond a double's range (`1e999`, which would fail its store
+/// batch on every retry).
+struct Storable;
+
+impl<'de> serde::Deserialize<'de> for Storable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StorableVisitor)
+    }
+}
+
+struct StorableVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StorableVisitor {
+    type Value = Storable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_unit<E>(self) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Storable, A::Error> {
+        while seq.next_element::<Storable>()?.is_some() {}
+        Ok(Storable)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Storable, A::Error> {
+        while map.next_entry::<Storable, Storable>()?.is_some() {}
+        Ok(Storable)
+    }
 }
 
 /// The sender a published message names: `from`, or `api`.
