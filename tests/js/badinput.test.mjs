@@ -205,6 +205,27 @@ describe('bad input', { timeout: 60_000 }, () => {
       assert.equal((await ws.request({ type: 'join', room })).ok, true, 'still usable afterwards');
     });
 
+    test('text cut inside a surrogate pair → bad_request with the request id, on /ws and Socket.IO', async () => {
+      // 'a😀'.slice(0, 2) keeps only the pair's first half, which JSON.stringify escapes.
+      const cut = 'a😀'.slice(0, 2);
+      const room = roomName('cut');
+      const { ws } = await openWs(server, { sub: 'ws-cut' });
+      assert.equal((await ws.request({ type: 'join', room })).ok, true);
+      const ack = await ws.request({ type: 'message', room, data: cut, id: 'cut-1' });
+      assert.equal(ack.id, 'cut-1', 'the refusal names the request');
+      assert.equal(ack.ok, false);
+      assert.equal(ack.error, 'bad_request');
+      assert.match(ack.message, /unpaired UTF-16 surrogate/);
+      assert.equal(ws.isOpen, true);
+
+      const { socket } = await openClient(server, { sub: 'sio-cut' });
+      await join(socket, room);
+      assertError(await emitAck(socket, 'message', { room, data: cut }), 'bad_request', 'a cut pair');
+      assert.equal(socket.connected, true);
+      const whole = await publish(socket, room, 'a😀');
+      assert.equal(typeof whole.offset, 'number', 'a whole pair is fine');
+    });
+
     test('unknown type → unknown_event with the request id', async () => {
       const { ws } = await openWs(server);
       const ack = await ws.request({ type: 'frobnicate', id: 'u1' });

@@ -175,7 +175,7 @@ impl WsFrame {
         let mut frame = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(frame)) => frame,
             Ok(_) => return Err((Value::Null, bad_request("a frame must be a JSON object"))),
-            Err(e) => return Err((Value::Null, bad_request(format!("malformed JSON: {e}")))),
+            Err(e) => return Err((readable_id(text), bad_request(unreadable(text, &e)))),
         };
         let id = frame.remove("id").unwrap_or(Value::Null);
         let Some(Value::String(kind)) = frame.remove("type") else {
@@ -186,6 +186,35 @@ impl WsFrame {
             kind,
             fields: Value::Object(frame),
         })
+    }
+}
+
+/// The `id` of a frame that is well-formed JSON but holds what no JSON value can (an unpaired
+/// UTF-16 surrogate escape, a number beyond a double), so that the client can match the
+/// refusal to its request; null when the frame is not even that.
+fn readable_id(text: &str) -> Value {
+    serde_json::from_str::<std::collections::HashMap<String, Box<RawValue>>>(text)
+        .ok()
+        .and_then(|fields| {
+            fields
+                .get("id")
+                .and_then(|id| serde_json::from_str(id.get()).ok())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// Why a frame could not be read. serde_json words an unpaired surrogate as a broken hex
+/// escape; it is named as what it is.
+fn unreadable(text: &str, error: &serde_json::Error) -> String {
+    match herald_core::json_bad_escapes(text)
+        .into_iter()
+        .find(|(_, e)| *e == herald_core::BadEscape::LoneSurrogate)
+    {
+        Some((at, _)) => format!(
+            "the frame holds an unpaired UTF-16 surrogate ({}) at byte {at}: not a Unicode character",
+            &text[at..at + 6]
+        ),
+        None => format!("malformed JSON: {error}"),
     }
 }
 
@@ -321,6 +350,23 @@ mod tests {
         for text in ["", "[1]", "\"join\"", "{\"type\":", "{\"id\":1}"] {
             assert_eq!(refused(text).1.code, ErrorCode::BadRequest, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_frame_holding_what_no_json_value_can_is_refused_with_its_id() {
+        let refused = |text: &str| WsFrame::parse(text).expect_err("refused");
+        let (id, e) = refused(r#"{"type":"message","room":"r","data":"a\ud83d","id":"req-2"}"#);
+        assert_eq!((id, e.code), (json!("req-2"), ErrorCode::BadRequest));
+        assert!(
+            e.message.contains(r"unpaired UTF-16 surrogate (\ud83d)"),
+            "{}",
+            e.message
+        );
+        let (id, e) = refused(r#"{"id":3,"type":"message","room":"r","data":[1e999]}"#);
+        assert_eq!((id, e.code), (json!(3), ErrorCode::BadRequest));
+        assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
+        // Not even JSON: no id to give back.
+        assert_eq!(refused(r#"{"id":4,"type":"#).0, Value::Null);
     }
 
     #[test]
