@@ -81,6 +81,11 @@ cleanup() {
       tail -n 5 "$log" >&2
     done
   fi
+  # A database made on DATABASE_URL's server goes with the run (a private server goes with
+  # $WORK).
+  if [ -n "${PG_SHARED_DB:-}" ]; then
+    psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_SHARED_DB" >/dev/null 2>&1 || true
+  fi
   rm -rf "$WORK"
   exit "$status"
 }
@@ -264,6 +269,7 @@ start_postgres() {
   fi
   DB="herald_bench_$$"
   psql "$PG_ADMIN" -qc "CREATE DATABASE $DB" >/dev/null
+  if [ -z "${PG_DIR:-}" ]; then PG_SHARED_DB=$DB; fi
   export DATABASE_URL="$PG_BASE/$DB"
 }
 

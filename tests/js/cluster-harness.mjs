@@ -41,13 +41,14 @@ export function psql(url, sql) {
   return run.stdout.trim();
 }
 
-/** A fresh database on $DATABASE_URL's server, so that tests never share rows. */
+/** A fresh database on $DATABASE_URL's server, so that tests never share rows; `drop()`
+ * removes it once the cluster has stopped, so a shared server does not collect them. */
 function freshDatabase(url) {
   const name = `herald_cluster_${rand(4)}`;
   psql(url, `CREATE DATABASE ${name}`);
   const fresh = new URL(url);
   fresh.pathname = `/${name}`;
-  return fresh.toString();
+  return { url: fresh.toString(), drop: () => psql(url, `DROP DATABASE IF EXISTS ${name}`) };
 }
 
 /** The last lines of every log under `dir`, for a failure message. */
@@ -110,7 +111,8 @@ export async function startCluster({ restart = false, devMode = false } = {}) {
   if (!devMode) env.JWT_SECRET = secret;
   if (process.env.REDIS_URL) env.HERALD_REDIS_KEY = `cluster-${rand(4)}`;
   const database = process.env.DATABASE_URL ?? process.env.POSTGRES_URL;
-  if (database) env.DATABASE_URL = freshDatabase(database);
+  const fresh = database ? freshDatabase(database) : null;
+  if (fresh) env.DATABASE_URL = fresh.url;
 
   const args = ['--instances', String(INSTANCES), '--port', String(port), '--base-port', String(basePort), '--dir', dir];
   if (restart) args.push('--restart');
@@ -143,6 +145,11 @@ export async function startCluster({ restart = false, devMode = false } = {}) {
         }, 30_000);
         await exited;
         clearTimeout(timer);
+      }
+      try {
+        fresh?.drop();
+      } catch {
+        // still in use by a straggler: left for the server's owner
       }
       rmSync(dir, { recursive: true, force: true });
     },

@@ -101,6 +101,40 @@ fn pg_bin(name: &str) -> String {
         .map_or_else(|| name.to_owned(), |p| p.display().to_string())
 }
 
+/// How old a test database must be before a later test run drops it.
+const STALE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Drops test databases that earlier runs made more than [`STALE`] ago, once per process:
+/// a test cannot drop its own (the store's pool outlives it), so on a shared `DATABASE_URL`
+/// server they would pile up. Their names start with the creation time (see [`unique`]). A
+/// database still in use refuses, and is left for a later run.
+async fn drop_stale(admin: &mut sqlx::PgConnection) {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let made = name
+            .strip_prefix("herald_test_")
+            .and_then(|rest| rest.get(..16))
+            .and_then(|hex| u128::from_str_radix(hex, 16).ok());
+        if made.is_some_and(|made| now.saturating_sub(made) > STALE.as_nanos()) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
+}
+
 /// A new, empty PostgreSQL database for one test.
 pub async fn postgres_url() -> String {
     use sqlx::Connection;
@@ -117,6 +151,7 @@ pub async fn postgres_url() -> String {
         }
     }
     let mut admin = admin.expect("postgres accepts connections within 10s");
+    drop_stale(&mut admin).await;
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
