@@ -394,6 +394,10 @@ pub async fn run(
 
     let app = http::app(state.clone())
         .layer(sio_layer)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            transport::sio::limit_handshakes,
+        ))
         .layer(axum::middleware::map_request(
             transport::sio::detach_from_read_buffer,
         ))

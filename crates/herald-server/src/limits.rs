@@ -80,10 +80,28 @@ impl Refusal {
     }
 }
 
+/// Counts one arrival from `ip` against `limiter`, if there is one; a refusal is counted in
+/// `herald_rate_limited_total{scope}`.
+fn counted(
+    limiter: Option<&DefaultKeyedRateLimiter<IpAddr>>,
+    ip: Option<IpAddr>,
+    scope: &'static str,
+) -> Result<(), Refusal> {
+    match (limiter, ip) {
+        (Some(limiter), Some(ip)) if limiter.check_key(&ip).is_err() => {
+            metrics::counter!(m::RATE_LIMITED, "scope" => scope).increment(1);
+            Err(Refusal::RateLimited)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The admission limits of this instance.
 pub struct Limits {
     ip_connect_rate: u32,
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// New Engine.IO sessions per address; see [`Limits::check_handshake`].
+    per_ip_handshake: Option<DefaultKeyedRateLimiter<IpAddr>>,
     max_connections: usize,
     instance: Option<Arc<Semaphore>>,
     max_user_connections: usize,
@@ -118,13 +136,16 @@ impl Drop for UserSlot {
 impl Limits {
     pub fn new(config: &Config) -> Self {
         // Like event rates, a connection rate allows bursts of twice its rate per second.
-        let per_ip = NonZeroU32::new(config.ip_connect_rate).map(|rate| {
-            let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+        let keyed = |rate: u32| {
+            NonZeroU32::new(rate).map(|rate| {
+                let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+                RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            })
+        };
         Self {
             ip_connect_rate: config.ip_connect_rate,
-            per_ip,
+            per_ip: keyed(config.ip_connect_rate),
+            per_ip_handshake: keyed(config.ip_connect_rate.saturating_mul(2)),
             max_connections: config.max_connections,
             // A semaphore, as in mini-redis: one permit per open connection.
             instance: (config.max_connections > 0)
@@ -138,13 +159,17 @@ impl Limits {
     /// Counts one new connection from `ip` against its rate. Checked before the token, so a
     /// flood of handshakes costs no signature checks.
     pub fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
-        match (&self.per_ip, ip) {
-            (Some(limiter), Some(ip)) if limiter.check_key(&ip).is_err() => {
-                metrics::counter!(m::RATE_LIMITED, "scope" => "ip").increment(1);
-                Err(Refusal::RateLimited)
-            }
-            _ => Ok(()),
-        }
+        counted(self.per_ip.as_ref(), ip, "ip")
+    }
+
+    /// Counts one new Engine.IO session from `ip`, at twice the connection rate. A Socket.IO
+    /// client opens its session before it connects a namespace, and only the connect is
+    /// counted by [`Limits::check_ip`] (where a refusal reaches the client as a readable
+    /// `connect_error`); without this, a flood of bare handshakes that never connect would be
+    /// limited by nothing, each holding a session until its ping timeout. Twice the rate, so
+    /// that a client within its connection rate never meets this one first.
+    pub fn check_handshake(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
+        counted(self.per_ip_handshake.as_ref(), ip, "ip_handshake")
     }
 
     /// Takes a place for one more connection of `user`, if this instance and the user have
@@ -227,6 +252,10 @@ impl Limits {
 
     /// Drops idle keys from the keyed limiters.
     pub fn retain_recent(&self) {
+        if let Some(limiter) = &self.per_ip_handshake {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
         if let Some(limiter) = &self.per_ip {
             limiter.retain_recent();
             limiter.shrink_to_fit();

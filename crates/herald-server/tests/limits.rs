@@ -84,6 +84,63 @@ async fn new_connections_beyond_the_ip_rate_get_429_rate_limited() {
         .expect("a second later");
 }
 
+/// A flood of bare Engine.IO handshakes, which never connect a Socket.IO namespace (where
+/// the connection rate is counted), is held to twice the connection rate per address: the
+/// rest get 429 `rate_limited` before a session is opened, and requests of open sessions
+/// (with a `sid`) are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_engine_io_handshakes_beyond_twice_the_ip_rate_get_429() {
+    // 2/s for handshakes, with a burst of 4.
+    let server = TestServer::start_with(|c| c.ip_connect_rate = 1).await;
+    let http = reqwest::Client::new();
+    let handshake = || async {
+        let response = http
+            .get(server.url("/socket.io/?EIO=4&transport=polling"))
+            .send()
+            .await
+            .expect("get");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    };
+    let mut opened = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..10 {
+        let (status, body) = handshake().await;
+        match status {
+            200 => opened.push(body),
+            _ => refused.push((status, body)),
+        }
+    }
+    assert_eq!(opened.len(), 4, "the burst: {refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(status, body)| *status == 429 && body.contains("rate_limited")),
+        "{refused:?}"
+    );
+    // An open session's own requests are not handshakes.
+    let open: Value =
+        serde_json::from_str(opened[0].trim_start_matches('0')).expect("an open packet");
+    let sid = open["sid"].as_str().expect("sid");
+    for _ in 0..3 {
+        let response = http
+            .post(server.url(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}")))
+            .body("3")
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 200, "a ping on the open session");
+    }
+    assert!(
+        metric(
+            &server,
+            "herald_connections_refused_total{reason=\"rate_limited\",transport=\"engineio\"}"
+        )
+        .await
+            >= 6.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_rate() {
     let server = TestServer::start_with(|c| {

@@ -233,6 +233,36 @@ pub async fn detach_from_read_buffer(mut req: axum::extract::Request) -> axum::e
     req
 }
 
+/// Refuses a new Engine.IO session from an address over [`crate::limits::Limits::check_handshake`],
+/// with 429 and the refusal's JSON, before engineioxide opens it. A new session is a request
+/// on the Socket.IO path without a `sid`: a polling handshake, or a websocket opened directly.
+pub async fn limit_handshakes(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let opens_session = req.uri().path().starts_with("/socket.io")
+        && !req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("sid=")));
+    if opens_session {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let ip = state.limits.client_ip(peer, req.headers());
+        if let Err(refusal) = state.limits.check_handshake(ip) {
+            refusal.count("engineio");
+            tracing::debug!(ip = %shown(ip), code = refusal.code(), "engine.io handshake refused");
+            return crate::http::ApiError::Refused(refusal, refusal.message(&state.limits))
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 fn reject(ack: AckSender, code: ErrorCode, message: &str) {
     metrics::counter!(m::EVENTS_REJECTED, "error" => code.as_str()).increment(1);
     // The client may not have asked for an ack, or may be gone.
