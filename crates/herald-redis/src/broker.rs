@@ -518,6 +518,17 @@ impl Inner {
     ) -> Result<HistoryPage, BrokerError> {
         let [offset_key, history_key, epoch_key] = room_keys(&self.settings.key, key);
         let limit = query.limit;
+        let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
+        // The page after offset `from`, up to `end`.
+        let after = |from: u64| {
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(&history_key)
+                .arg(format!("({from}-1"))
+                .arg(&end)
+                .arg("COUNT")
+                .arg(limit.max(1));
+            cmd
+        };
         let mut pipe = redis::pipe();
         pipe.get(&offset_key).get(&epoch_key);
         pipe.cmd("XRANGE")
@@ -528,19 +539,12 @@ impl Inner {
             .arg(1);
         match query.since {
             Some(since) => {
-                let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
-                pipe.cmd("XRANGE")
-                    .arg(&history_key)
-                    .arg(format!("({since}-1"))
-                    .arg(end)
-                    .arg("COUNT")
-                    .arg(limit.max(1));
+                pipe.add_command(after(since));
             }
             None => {
-                let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
                 pipe.cmd("XREVRANGE")
                     .arg(&history_key)
-                    .arg(end)
+                    .arg(&end)
                     .arg("-")
                     .arg("COUNT")
                     .arg(limit.max(1));
@@ -562,13 +566,7 @@ impl Inner {
             && entries.len() >= limit.max(1)
         {
             // The page filled up below the floor: read it again from the floor.
-            let end = query.before.map_or("+".to_owned(), |b| format!("({b}-0"));
-            entries = redis::cmd("XRANGE")
-                .arg(&history_key)
-                .arg(format!("({floor}-1"))
-                .arg(end)
-                .arg("COUNT")
-                .arg(limit.max(1))
+            entries = after(floor)
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
