@@ -33,7 +33,7 @@ pub use broker::{
 };
 pub use message::{
     BadEscape, Delivery, Message, Payload, PresenceChange, PresenceStatus, Publication,
-    json_bad_escapes,
+    json_bad_escapes, unpaired_surrogate,
 };
 pub use presence::{Presence, PresenceError};
 pub use room::{ConnId, Namespace, RoomError, RoomKey, RoomName, RoomPatterns, UserId};

@@ -187,6 +187,21 @@ pub fn json_bad_escapes(json: &str) -> Vec<(usize, BadEscape)> {
     found
 }
 
+/// The first unpaired UTF-16 surrogate escape in JSON text, described for a refusal
+/// ("an unpaired UTF-16 surrogate (\ud83d) at byte 9: not a Unicode character"). serde_json
+/// words one as a broken hex escape; this names it as what it is.
+pub fn unpaired_surrogate(json: &str) -> Option<String> {
+    json_bad_escapes(json)
+        .into_iter()
+        .find(|(_, e)| *e == BadEscape::LoneSurrogate)
+        .map(|(at, _)| {
+            format!(
+                "an unpaired UTF-16 surrogate ({}) at byte {at}: not a Unicode character",
+                &json[at..at + 6]
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -456,15 +456,8 @@ fn payload(state: &AppState, data: Option<Box<RawValue>>) -> Result<Box<RawValue
             state.config.max_payload,
         ));
     }
-    // serde_json words an unpaired surrogate as a broken escape; say what it is.
-    if let Some((at, _)) = herald_core::json_bad_escapes(data.get())
-        .into_iter()
-        .find(|(_, e)| *e == herald_core::BadEscape::LoneSurrogate)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "data holds an unpaired UTF-16 surrogate ({}) at byte {at}: not a Unicode character",
-            &data.get()[at..at + 6]
-        )));
+    if let Some(why) = herald_core::unpaired_surrogate(data.get()) {
+        return Err(ApiError::BadRequest(format!("data holds {why}")));
     }
     serde_json::from_str::<Storable>(data.get())
         .map_err(|e| ApiError::BadRequest(format!("data cannot be kept: {e}")))?;

@@ -203,17 +203,10 @@ fn readable_id(text: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Why a frame could not be read. serde_json words an unpaired surrogate as a broken hex
-/// escape; it is named as what it is.
+/// Why a frame could not be read, naming an unpaired surrogate as what it is.
 fn unreadable(text: &str, error: &serde_json::Error) -> String {
-    match herald_core::json_bad_escapes(text)
-        .into_iter()
-        .find(|(_, e)| *e == herald_core::BadEscape::LoneSurrogate)
-    {
-        Some((at, _)) => format!(
-            "the frame holds an unpaired UTF-16 surrogate ({}) at byte {at}: not a Unicode character",
-            &text[at..at + 6]
-        ),
+    match herald_core::unpaired_surrogate(text) {
+        Some(why) => format!("the frame holds {why}"),
         None => format!("malformed JSON: {error}"),
     }
 }
