@@ -107,6 +107,17 @@ async fn the_api_needs_its_key_and_is_off_without_one() {
     assert_eq!(response.status(), 200, "dev mode opens the API to loopback");
 }
 
+/// A batch publish's answers, in order: each message's offset and error code (null where
+/// there is none).
+fn answers(body: &Value) -> Vec<(Value, Value)> {
+    body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| (r["offset"].clone(), r["error"].clone()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_publish_answers_each_message_in_order_and_refuses_bad_ones_alone() {
     let server = TestServer::start_with(|c| c.max_payload = 1024).await;
@@ -133,13 +144,8 @@ async fn a_batch_publish_answers_each_message_in_order_and_refuses_bad_ones_alon
     let response = post(json!({"messages": messages})).await.expect("post");
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("json");
-    let results = body["results"].as_array().expect("results");
-    let summary: Vec<(Value, Value)> = results
-        .iter()
-        .map(|r| (r["offset"].clone(), r["error"].clone()))
-        .collect();
     assert_eq!(
-        summary,
+        answers(&body),
         [
             (json!(1), Value::Null),
             (json!(1), Value::Null),
@@ -239,14 +245,8 @@ async fn the_api_refuses_data_no_json_value_holds_and_takes_the_rest() {
     .expect("post");
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("json");
-    let summary: Vec<(Value, Value)> = body["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|r| (r["offset"].clone(), r["error"].clone()))
-        .collect();
     assert_eq!(
-        summary,
+        answers(&body),
         [
             (json!(1), Value::Null),
             (Value::Null, json!("bad_request")),

@@ -38,7 +38,9 @@ impl PostgresStore {
 const COLUMNS: &str =
     r#"id, namespace, room, epoch, "offset", sender, payload, created_at, instance"#;
 
-/// The latest time RFC 3339 can write (9999-12-31T23:59:59.999Z), in ms since the epoch.
+/// The latest `created_at` stored (9999-12-31T23:59:59.999Z), in ms since the epoch: a
+/// timestamp past it (a client clock gone wrong) is stored as it, as when rows went in as
+/// RFC 3339 text.
 const MAX_TS: i64 = 253_402_300_799_999;
 
 /// 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin, in ms since the Unix epoch.
