@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use herald_core::UserId;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -312,28 +313,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// An address or a CIDR block, as `HERALD_TRUSTED_PROXIES` lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct IpRange(IpNet);
 
 impl IpRange {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 
@@ -341,32 +325,33 @@ impl FromStr for IpRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s, None),
+        let s = s.trim();
+        let net = match s.split_once('/') {
+            Some(_) => s.parse::<IpNet>().map_err(|_| {
+                format!("{s:?} is not a CIDR block (an address, a slash and a prefix length)")
+            })?,
+            None => IpNet::from(
+                s.parse::<IpAddr>()
+                    .map_err(|_| format!("{s:?} is not an address or CIDR block"))?,
+            ),
         };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
-        let addr = canonical(addr);
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix must be 0 to {max}"))?,
-            None => max,
+        // An IPv4-mapped IPv6 block names IPv4 addresses, which is how clients are compared.
+        let net = match net {
+            IpNet::V6(v6) => match (v6.addr().to_ipv4_mapped(), v6.prefix_len()) {
+                (Some(v4), prefix) if prefix >= 96 => {
+                    IpNet::V4(Ipv4Net::new(v4, prefix - 96).map_err(|e| format!("{s:?}: {e}"))?)
+                }
+                _ => net,
+            },
+            v4 => v4,
         };
-        Ok(Self { addr, prefix })
+        Ok(Self(net.trunc()))
     }
 }
 
 impl fmt::Display for IpRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 
@@ -467,6 +452,16 @@ mod tests {
         assert!(v6.contains("fd12::1".parse().expect("ip")));
         assert!("10.0.0.0/33".parse::<IpRange>().is_err());
         assert!("nginx".parse::<IpRange>().is_err());
+        assert!("10.0.0.0/".parse::<IpRange>().is_err());
+        // A lone address is a block of one; a mapped client address is its IPv4 address.
+        let one: IpRange = " 192.0.2.7 ".parse().expect("address");
+        assert!(one.contains("::ffff:192.0.2.7".parse().expect("ip")));
+        assert!(!one.contains("192.0.2.8".parse().expect("ip")));
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        // An IPv4-mapped block names IPv4 addresses; host bits are dropped.
+        let mapped: IpRange = "::ffff:10.1.2.3/104".parse().expect("mapped cidr");
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains("10.9.9.9".parse().expect("ip")));
     }
 
     #[test]
