@@ -178,6 +178,33 @@ start_herald() {
   URLS+=("http://$addr")
 }
 
+# start_node NAME: starts tests/js/bench-server.mjs (Node socket.io 4.8 on the Redis adapter,
+# serving the events `herald bench` speaks) on an ephemeral port and the fleet's Redis, and
+# appends its URL and pid. Needs tests/js's packages (npm ci in tests/js).
+start_node() {
+  local name=$1 log="$WORK/$1.log" server="$ROOT/tests/js/bench-server.mjs"
+  if [ ! -d "$ROOT/tests/js/node_modules/socket.io" ]; then
+    echo "$SCRIPT: tests/js has no node_modules: (cd tests/js && npm ci)" >&2
+    exit 2
+  fi
+  REDIS_URL="$BENCH_REDIS_URL" PORT=0 BENCH_KEY="bench-node-$$" node "$server" >"$log" 2>&1 &
+  local pid=$!
+  STARTED+=("$pid")
+  local port=""
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/.*node-bench listening port=\([0-9]*\).*/\1/p' "$log" | head -n 1)
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$port" ]; then
+    echo "$SCRIPT: node server $name did not start" >&2
+    exit 1
+  fi
+  SERVER_PIDS+=("$pid")
+  URLS+=("http://127.0.0.1:$port")
+}
+
 join_by() {
   local IFS=$1
   shift
