@@ -8,6 +8,8 @@
 #
 #   benches/compare-node.sh [--smoke]
 #
+# COMPARE_IDLE=1: bar 5's scenario instead, 10,000 idle Socket.IO connections on one server
+# of each, for the RSS each connection costs.
 # Needs node and tests/js's packages (npm ci in tests/js).
 # --smoke: 200 clients, 10 rooms × 20, 100 msgs/s for 3 s; fails on any loss or failure.
 
@@ -16,7 +18,13 @@ source "$(dirname "$0")/common.bash"
 raise_nofile 20000
 start_redis
 
-if [ "$SMOKE" = 1 ]; then
+servers=(a b)
+if [ "${COMPARE_IDLE:-0}" = 1 ]; then
+  servers=(a)
+  scenario=(--clients 10000 --rooms 0 --idle --duration 10s --connect-concurrency 200)
+  [ "$SMOKE" = 1 ] && scenario=(--clients 500 --rooms 0 --idle --duration 2s
+    --connect-concurrency 50 --strict)
+elif [ "$SMOKE" = 1 ]; then
   scenario=(--clients 200 --rooms 10 --members 20 --senders 10 --rate 100 --duration 3s
     --connect-concurrency 50 --strict)
 else
@@ -24,13 +32,11 @@ else
     --duration 20s --connect-concurrency 200)
 fi
 
-start_node node-a
-start_node node-b
+for name in "${servers[@]}"; do start_node "node-$name"; done
 run_bench node "${scenario[@]}"
 stop "${SERVER_PIDS[@]}"
 SERVER_PIDS=()
 URLS=()
 
-start_herald a
-start_herald b
+for name in "${servers[@]}"; do start_herald "$name"; done
 run_bench herald "${scenario[@]}"
