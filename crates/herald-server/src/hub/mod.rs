@@ -29,6 +29,19 @@ use crate::metrics as m;
 use crate::protocol::{ClientError, ErrorCode, MAX_HISTORY_LIMIT};
 use shard::{Shard, ShardCmd};
 
+/// Replayed messages sent to a connection before its replay lets the connection's writer run.
+const REPLAY_STRIDE: usize = 32;
+
+/// Lets other tasks run every [`REPLAY_STRIDE`] messages of a replay. A connection's
+/// websocket write buffer keeps the largest size it reaches until the connection closes, and
+/// it fills with whatever is queued when the writer runs: a replay that queued a thousand
+/// messages before its writer ran would leave the connection holding them all in capacity.
+async fn pace(sent: usize) {
+    if sent > 0 && sent % REPLAY_STRIDE == 0 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Commands queued per shard before the broker waits for the shard to catch up.
 const SHARD_QUEUE: usize = 64 * 1024;
 /// How long a recovering join may take to catch up with live traffic before it gives up on
@@ -469,7 +482,8 @@ impl Hub {
         let mut last = since;
         let mut last_epoch = None;
         let mut recovered = page.complete;
-        for message in &page.messages {
+        for (sent, message) in page.messages.iter().enumerate() {
+            pace(sent).await;
             let out = Arc::new(Outgoing::new(Payload::Message(message.clone())));
             if conn.send(out, deadline).await.is_err() {
                 recovered = false;
@@ -522,7 +536,8 @@ impl Hub {
                 return (false, last);
             };
             complete &= !batch.overflowed && !force;
-            for out in batch.pending {
+            for (sent, out) in batch.pending.into_iter().enumerate() {
+                pace(sent).await;
                 if let Payload::Message(message) = &out.payload {
                     if message.offset <= last {
                         continue;
