@@ -37,7 +37,7 @@ const REPLAY_STRIDE: usize = 32;
 /// it fills with whatever is queued when the writer runs: a replay that queued a thousand
 /// messages before its writer ran would leave the connection holding them all in capacity.
 async fn pace(sent: usize) {
-    if sent > 0 && sent % REPLAY_STRIDE == 0 {
+    if sent > 0 && sent.is_multiple_of(REPLAY_STRIDE) {
         tokio::task::yield_now().await;
     }
 }
