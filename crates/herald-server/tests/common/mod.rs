@@ -75,6 +75,16 @@ impl TestServer {
     }
 }
 
+/// Asserts that an error body or ack names `code` and that its message says `says`: what a
+/// client shows its user.
+pub fn assert_refused(body: &Value, code: &str, says: &str) {
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains(says)),
+        "the message should say {says:?}: {body}"
+    );
+}
+
 pub fn token(sub: &str) -> String {
     token_with(sub, None)
 }
