@@ -141,6 +141,30 @@ start_redis() {
   exit 1
 }
 
+# await_log PID LOG SED: waits (up to 20 s, while PID lives) for a line of LOG that the sed
+# expression SED prints from; prints the first such output. Fails if none came.
+await_log() {
+  local pid=$1 log=$2 expr=$3 found
+  for _ in $(seq 1 200); do
+    found=$(sed -n "$expr" "$log" | head -n 1)
+    if [ -n "$found" ]; then
+      echo "$found"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# need_js_packages MODULE: exits unless tests/js's packages (which hold MODULE) are installed.
+need_js_packages() {
+  if [ ! -d "$ROOT/tests/js/node_modules/$1" ]; then
+    echo "$SCRIPT: tests/js has no node_modules: (cd tests/js && npm ci)" >&2
+    exit 2
+  fi
+}
+
 # start_herald NAME: starts an instance on an ephemeral port (on the fleet's Redis when
 # start_redis ran) and appends its URL and pid.
 start_herald() {
@@ -156,17 +180,11 @@ start_herald() {
     "$HERALD_BIN" serve >/dev/null 2>"$log" &
   local pid=$!
   STARTED+=("$pid")
-  local addr=""
-  for _ in $(seq 1 200); do
-    addr=$(sed -n 's/.*herald listening.*addr=\([0-9.:]*\).*/\1/p' "$log" | head -n 1)
-    [ -n "$addr" ] && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if [ -z "$addr" ]; then
+  local addr
+  addr=$(await_log "$pid" "$log" 's/.*herald listening.*addr=\([0-9.:]*\).*/\1/p') || {
     echo "$SCRIPT: herald $name did not start" >&2
     exit 1
-  fi
+  }
   if [ -n "$BENCH_REDIS_URL" ]; then
     # Ready means connected to Redis.
     for _ in $(seq 1 100); do
@@ -182,25 +200,17 @@ start_herald() {
 # serving the events `herald bench` speaks) on an ephemeral port and the fleet's Redis, and
 # appends its URL and pid. Needs tests/js's packages (npm ci in tests/js).
 start_node() {
-  local name=$1 log="$WORK/$1.log" server="$ROOT/tests/js/bench-server.mjs"
-  if [ ! -d "$ROOT/tests/js/node_modules/socket.io" ]; then
-    echo "$SCRIPT: tests/js has no node_modules: (cd tests/js && npm ci)" >&2
-    exit 2
-  fi
-  REDIS_URL="$BENCH_REDIS_URL" PORT=0 BENCH_KEY="bench-node-$$" node "$server" >"$log" 2>&1 &
+  local name=$1 log="$WORK/$1.log"
+  need_js_packages socket.io
+  REDIS_URL="$BENCH_REDIS_URL" PORT=0 BENCH_KEY="bench-node-$$" \
+    node "$ROOT/tests/js/bench-server.mjs" >"$log" 2>&1 &
   local pid=$!
   STARTED+=("$pid")
-  local port=""
-  for _ in $(seq 1 100); do
-    port=$(sed -n 's/.*node-bench listening port=\([0-9]*\).*/\1/p' "$log" | head -n 1)
-    [ -n "$port" ] && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if [ -z "$port" ]; then
+  local port
+  port=$(await_log "$pid" "$log" 's/.*node-bench listening port=\([0-9]*\).*/\1/p') || {
     echo "$SCRIPT: node server $name did not start" >&2
     exit 1
-  fi
+  }
   SERVER_PIDS+=("$pid")
   URLS+=("http://127.0.0.1:$port")
 }

@@ -18,10 +18,7 @@
 source "$(dirname "$0")/common.bash"
 
 raise_nofile 20000
-if [ ! -d "$ROOT/tests/js/node_modules/socket.io-client" ]; then
-  echo "$SCRIPT: tests/js has no node_modules: (cd tests/js && npm ci)" >&2
-  exit 2
-fi
+need_js_packages socket.io-client
 if [ "$SMOKE" = 1 ]; then
   clients=100 per_room=100
 else
