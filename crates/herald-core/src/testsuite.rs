@@ -140,6 +140,15 @@ pub fn key(room: &str) -> RoomKey {
     RoomKey::new(Namespace::root(), name)
 }
 
+/// History from after `offset`, up to `limit` messages.
+pub fn since(offset: u64, limit: usize) -> HistoryQuery {
+    HistoryQuery {
+        since: Some(offset),
+        before: None,
+        limit,
+    }
+}
+
 /// A publication to `key` with `data` as its JSON payload.
 pub fn publication(key: &RoomKey, data: &str) -> Publication {
     Publication {
@@ -323,46 +332,16 @@ pub async fn history_is_capped_and_says_when_a_gap_is_lost(
             .await
             .expect("publish");
     }
-    let page = broker
-        .history(
-            &key,
-            HistoryQuery {
-                since: Some(0),
-                before: None,
-                limit: 100,
-            },
-        )
-        .await
-        .expect("history");
+    let page = broker.history(&key, since(0, 100)).await.expect("history");
     assert_eq!(offsets(&page.messages), (3..=total).collect::<Vec<_>>());
     assert!(!page.complete, "offsets 1 and 2 were trimmed");
 
     // A short page from before the cap starts at the oldest message kept.
-    let page = broker
-        .history(
-            &key,
-            HistoryQuery {
-                since: Some(0),
-                before: None,
-                limit: 2,
-            },
-        )
-        .await
-        .expect("history");
+    let page = broker.history(&key, since(0, 2)).await.expect("history");
     assert_eq!(offsets(&page.messages), vec![3, 4]);
     assert!(!page.complete);
 
-    let page = broker
-        .history(
-            &key,
-            HistoryQuery {
-                since: Some(2),
-                before: None,
-                limit: 100,
-            },
-        )
-        .await
-        .expect("history");
+    let page = broker.history(&key, since(2, 100)).await.expect("history");
     assert!(page.complete, "everything after 2 is kept");
 }
 
@@ -398,17 +377,7 @@ pub async fn events_and_presence_reach_the_room(
         }
         other => panic!("expected an event, got {other:?}"),
     }
-    let page = broker
-        .history(
-            &key,
-            HistoryQuery {
-                since: Some(0),
-                before: None,
-                limit: 10,
-            },
-        )
-        .await
-        .expect("history");
+    let page = broker.history(&key, since(0, 10)).await.expect("history");
     assert!(page.messages.is_empty(), "events are not recorded");
 }
 
@@ -528,15 +497,7 @@ pub async fn store_writes_are_idempotent(store: Arc<dyn crate::Store>) {
     let overlap: Vec<_> = (4..=7).map(|o| message_at(&key, o)).collect();
     assert_eq!(store.write(&overlap).await.expect("overlap"), 2);
     let all = store
-        .history(
-            &key,
-            EPOCH,
-            HistoryQuery {
-                since: Some(0),
-                before: None,
-                limit: 100,
-            },
-        )
+        .history(&key, EPOCH, since(0, 100))
         .await
         .expect("history");
     assert_eq!(offsets(&all), (1..=7).collect::<Vec<_>>());
@@ -596,11 +557,7 @@ pub async fn store_history_pages_like_the_broker(store: Arc<dyn crate::Store>) {
 
 pub async fn store_keeps_epochs_apart(store: Arc<dyn crate::Store>) {
     let key = key("store-epochs");
-    let all = HistoryQuery {
-        since: Some(0),
-        before: None,
-        limit: 100,
-    };
+    let all = since(0, 100);
     let old: Vec<_> = (1..=3).map(|o| message_in(&key, "old", o)).collect();
     assert_eq!(store.write(&old).await.expect("write old"), 3);
     // The room's offsets start over under a new epoch (a restart, or serving alone while

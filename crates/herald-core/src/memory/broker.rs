@@ -199,14 +199,7 @@ mod tests {
                 .expect("publish");
         }
         let page = broker
-            .history(
-                &key,
-                HistoryQuery {
-                    since: Some(0),
-                    before: None,
-                    limit: 10,
-                },
-            )
+            .history(&key, crate::testsuite::since(0, 10))
             .await
             .expect("history");
         assert_eq!(page.position.offset, 3);
