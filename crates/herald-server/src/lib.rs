@@ -17,6 +17,7 @@
 //! - [`hub`]: the local room index and ordered fan-out.
 //! - [`http`]: health, readiness, metrics and the HTTP API.
 //! - [`drain`]: closing client transports in batches at shutdown.
+//! - [`mailbox`]: the per-connection queues, which cost almost nothing while empty.
 //! - [`metrics`] and [`telemetry`]: what herald reports about itself.
 //!
 //! [`run`] serves on a bound listener until a shutdown future resolves; `main` and the tests
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod mailbox;
 pub mod metrics;
 pub mod protocol;
 pub mod session;

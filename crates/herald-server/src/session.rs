@@ -10,11 +10,11 @@ use crate::auth::Identity;
 use std::num::NonZeroU32;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use tokio::sync::mpsc;
 
 use crate::config::Config;
 
 use crate::hub::{Conn, Control, Hub, Joined};
+use crate::mailbox;
 use crate::metrics as m;
 use crate::protocol::{ClientError, Command, ErrorCode, ok_ack};
 
@@ -31,7 +31,7 @@ pub struct Session {
     policy: Arc<Policy>,
     /// This connection's event rate, when limited.
     limiter: Option<DefaultDirectRateLimiter>,
-    control: Option<mpsc::UnboundedReceiver<Control>>,
+    control: Option<mailbox::Receiver<Control>>,
 }
 
 /// The limits every session of this instance follows.
@@ -122,10 +122,10 @@ impl Session {
     }
 
     /// What other servers ask of this session; taken once by the transport's loop.
-    pub fn take_control(&mut self) -> mpsc::UnboundedReceiver<Control> {
+    pub fn take_control(&mut self) -> mailbox::Receiver<Control> {
         self.control
             .take()
-            .unwrap_or_else(|| mpsc::unbounded_channel().1)
+            .unwrap_or_else(|| mailbox::unbounded().1)
     }
 
     /// Applies a request from another server. Returns false when the session must end.

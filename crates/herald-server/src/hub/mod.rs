@@ -25,6 +25,7 @@ use socketioxide::extract::SocketRef;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::mailbox;
 use crate::metrics as m;
 use crate::protocol::{ClientError, ErrorCode, MAX_HISTORY_LIMIT};
 use shard::{Shard, ShardCmd};
@@ -141,7 +142,7 @@ pub enum Control {
 pub struct Router {
     shards: Arc<[mpsc::Sender<ShardCmd>]>,
     hasher: RandomState,
-    sessions: Arc<Mutex<HashMap<ConnId, mpsc::UnboundedSender<Control>>>>,
+    sessions: Arc<Mutex<HashMap<ConnId, mailbox::Sender<Control>>>>,
 }
 
 impl Router {
@@ -161,8 +162,8 @@ impl Router {
     }
 
     /// Registers a session for remote control; the receiver yields what it is asked to do.
-    pub fn register(&self, conn: &ConnId) -> mpsc::UnboundedReceiver<Control> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn register(&self, conn: &ConnId) -> mailbox::Receiver<Control> {
+        let (tx, rx) = mailbox::unbounded();
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -274,7 +275,7 @@ impl LocalNode for Router {
                 if let Some(tx) = sessions.get(&target.id) {
                     reached += 1;
                     for control in &controls {
-                        let _ = tx.send(control.clone());
+                        let _ = tx.try_send(control.clone());
                     }
                 }
             }
@@ -379,7 +380,7 @@ impl Hub {
     }
 
     /// Registers a session for remote control (see [`Router::register`]).
-    pub fn register(&self, conn: &ConnId) -> mpsc::UnboundedReceiver<Control> {
+    pub fn register(&self, conn: &ConnId) -> mailbox::Receiver<Control> {
         self.router.register(conn)
     }
 

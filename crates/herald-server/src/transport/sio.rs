@@ -28,12 +28,12 @@ use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::{FromMessage, FromMessageParts, Value as SioValue};
 use socketioxide::socket::{DisconnectReason, Socket};
 use socketioxide::{SendError, SocketError, SocketIo};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::hub::{Conn, Sink};
 use crate::limits::{Admission, Refusal, shown};
+use crate::mailbox;
 use crate::metrics as m;
 use crate::protocol::{ClientError, ErrorCode};
 use crate::session::Session;
@@ -55,9 +55,8 @@ struct Inbound {
 /// What the auth middleware leaves on the socket for its handlers.
 #[derive(Clone)]
 struct Inbox {
-    // Boxed: a channel allocates its first block of 32 slots up front, for every socket.
-    tx: mpsc::Sender<Box<Inbound>>,
-    rx: Arc<Mutex<Option<mpsc::Receiver<Box<Inbound>>>>>,
+    tx: mailbox::Sender<Inbound>,
+    rx: Arc<Mutex<Option<mailbox::Receiver<Inbound>>>>,
     identity: Identity,
     /// The socket's place under the connection caps, held by its session task.
     admission: Arc<Mutex<Option<Admission>>>,
@@ -127,7 +126,7 @@ fn authenticate(
         Refused::Unauthorized
     })?;
     let admission = state.limits.admit(&identity.user).map_err(refused)?;
-    let (tx, rx) = mpsc::channel(INBOX_SIZE);
+    let (tx, rx) = mailbox::bounded(INBOX_SIZE);
     socket.extensions.insert(Inbox {
         tx,
         rx: Arc::new(Mutex::new(Some(rx))),
@@ -182,15 +181,13 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
             reject(ack, ErrorCode::Unavailable, "session is not ready");
             return Ok(Queued);
         };
-        if let Err(e) = inbox.tx.try_send(Box::new(Inbound {
+        if let Err(e) = inbox.tx.try_send(Inbound {
             event,
             payload,
             ack,
-        })) {
-            let (mpsc::error::TrySendError::Full(inbound)
-            | mpsc::error::TrySendError::Closed(inbound)) = e;
+        }) {
             reject(
-                inbound.ack,
+                e.into_inner().ack,
                 ErrorCode::Overloaded,
                 "too many events in flight; slow down",
             );
@@ -328,7 +325,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
                     event,
                     payload,
                     ack,
-                } = *inbound;
+                } = inbound;
                 let reply = match payload {
                     Ok(payload) => Box::pin(session.handle(&event, payload)).await,
                     Err(e) => {
