@@ -5,6 +5,7 @@
 //! deliveries, joins and leaves of a room are commands to its shard, handled one at a time, so
 //! every member of a room sees the same order whatever its transport, with no locks.
 
+mod members;
 mod shard;
 
 use std::collections::hash_map::RandomState;

@@ -11,6 +11,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::members::{Keyed, Members};
 use super::{Conn, Outgoing, Queued, Sink, now_ms};
 use crate::metrics as m;
 use crate::transport::sio;
@@ -73,6 +74,12 @@ struct Member {
     in_sio_room: bool,
 }
 
+impl Keyed for Member {
+    fn key(&self) -> &ConnId {
+        &self.conn.id
+    }
+}
+
 impl Member {
     /// Whether `payload` is a message this member already received from history.
     fn replayed(&mut self, payload: &Payload) -> bool {
@@ -106,7 +113,7 @@ impl Member {
 
 #[derive(Default)]
 struct LocalRoom {
-    members: HashMap<ConnId, Member>,
+    members: Members<Member>,
     /// Live Socket.IO members, which one socketioxide room broadcast reaches.
     live_sio: usize,
     /// The last broadcast found a Socket.IO member's buffer full. The broadcast does not say
@@ -272,8 +279,7 @@ impl Shard {
         if member.join_sio_room(&key) {
             room.live_sio += 1;
         }
-        room.members.insert(conn.id.clone(), member);
-        true
+        room.members.insert(member)
     }
 
     fn catch_up(
