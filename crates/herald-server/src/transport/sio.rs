@@ -196,36 +196,48 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
     }
 }
 
-/// Copies a Socket.IO request's URI and headers out of hyper's connection read buffer.
+/// The headers a Socket.IO request still needs past this point: an upgrade's websocket key
+/// (engineioxide answers with it), a polling POST's content type (engineioxide reads the
+/// payload by it) and the forwarding headers that [`crate::limits::Limits::client_ip`] reads
+/// at the handshake limit and in the auth middleware. CORS has read the rest already: its
+/// layer is outside this one.
+const KEPT_HEADERS: [&str; 4] = [
+    "sec-websocket-key",
+    "content-type",
+    "x-forwarded-for",
+    "x-real-ip",
+];
+
+/// Trims a Socket.IO request to what engineioxide and herald read, in owned copies.
 ///
-/// hyper parses a request without copying: the URI (and axum's `OriginalUri`) and every
-/// header value are slices of the connection's read buffer (8 KiB or more). engineioxide keeps
-/// the handshake request's parts in its socket for the socket's whole life, and with them that
-/// buffer: most of the memory an idle websocket connection held
-/// (`benches/bar5-idle-memory.sh`). Owned copies of a few hundred bytes let the buffer go as
-/// soon as the connection upgrades.
+/// engineioxide keeps the handshake request's parts in its socket for the socket's whole life.
+/// hyper parses a request without copying: the URI and every header value are slices of the
+/// connection's read buffer (8 KiB or more), so keeping them kept that buffer, most of what
+/// an idle websocket connection held (`benches/bar5-idle-memory.sh`). The URI and the headers
+/// herald still needs ([`KEPT_HEADERS`]) are copied, so the buffer goes as soon as the
+/// connection upgrades; the other headers (a browser sends a dozen: user agent, cookies,
+/// languages…) and the router's copies of the path (`OriginalUri`, `MatchedPath`) are
+/// dropped rather than kept for the connection's life.
 pub async fn detach_from_read_buffer(mut req: axum::extract::Request) -> axum::extract::Request {
-    if !req.uri().path().starts_with("/socket.io") {
+    if !req.uri().path().starts_with("/socket.io/") {
         return req;
     }
     if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
-        // axum's router stored a clone of the original as `OriginalUri`.
-        if req.extensions().get::<OriginalUri>().is_some() {
-            req.extensions_mut().insert(OriginalUri(uri.clone()));
-        }
         *req.uri_mut() = uri;
     }
+    // The peer address and hyper's upgrade handle stay.
+    req.extensions_mut().remove::<OriginalUri>();
+    req.extensions_mut().remove::<axum::extract::MatchedPath>();
     let headers = std::mem::take(req.headers_mut());
     let fresh = req.headers_mut();
-    fresh.reserve(headers.len());
-    for (name, value) in &headers {
-        let name = axum::http::HeaderName::from_bytes(name.as_str().as_bytes())
-            .unwrap_or_else(|_| name.clone());
-        let copy = axum::http::HeaderValue::from_bytes(value.as_bytes()).map(|mut v| {
-            v.set_sensitive(value.is_sensitive());
-            v
-        });
-        fresh.append(name, copy.unwrap_or_else(|_| value.clone()));
+    for name in KEPT_HEADERS {
+        for value in headers.get_all(name) {
+            let copy = axum::http::HeaderValue::from_bytes(value.as_bytes()).map(|mut v| {
+                v.set_sensitive(value.is_sensitive());
+                v
+            });
+            fresh.append(name, copy.unwrap_or_else(|_| value.clone()));
+        }
     }
     req
 }
@@ -457,15 +469,22 @@ pub(crate) async fn emit_one(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use axum::body::{Body, Bytes};
-    use axum::extract::{OriginalUri, Request};
+    use axum::extract::{ConnectInfo, OriginalUri, Request};
     use axum::http::{HeaderValue, Uri};
 
     use super::detach_from_read_buffer;
 
-    /// A request whose URI and header values are slices of one buffer, as hyper parses them.
+    const PEER: &str = "10.1.2.3:4567";
+
+    /// A request whose URI and header values are slices of one buffer, as hyper parses them,
+    /// with the extensions axum's router and `serve` add.
     fn parsed(path: &str) -> (Bytes, Request) {
-        let buffer = Bytes::from(format!("{path}|Bearer secret|a|b"));
+        let buffer = Bytes::from(format!(
+            "{path}|dGhlIHNhbXBsZSBub25jZQ==|1.1.1.1|2.2.2.2|Bearer secret"
+        ));
         let slice = |from: usize, len: usize| buffer.slice(from..from + len);
         let uri = Uri::from_maybe_shared(slice(0, path.len())).expect("uri");
         let mut req = Request::builder()
@@ -473,13 +492,18 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         req.extensions_mut().insert(OriginalUri(uri));
+        let peer: SocketAddr = PEER.parse().expect("address");
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let at = path.len() + 1;
         let value = |from, len| HeaderValue::from_maybe_shared(slice(from, len)).expect("value");
-        let mut auth = value(path.len() + 1, 13);
-        auth.set_sensitive(true);
+        let mut key = value(at, 24);
+        key.set_sensitive(true);
         let headers = req.headers_mut();
-        headers.insert("authorization", auth);
-        headers.append("x-many", value(path.len() + 15, 1));
-        headers.append("x-many", value(path.len() + 17, 1));
+        headers.insert("sec-websocket-key", key);
+        headers.append("x-forwarded-for", value(at + 25, 7));
+        headers.append("x-forwarded-for", value(at + 33, 7));
+        headers.insert("authorization", value(at + 41, 13));
+        headers.insert("user-agent", HeaderValue::from_static("Mozilla/5.0"));
         (buffer, req)
     }
 
@@ -489,19 +513,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_socket_io_request_keeps_nothing_of_the_read_buffer_and_loses_nothing() {
+    async fn a_socket_io_request_keeps_what_is_read_and_nothing_of_the_read_buffer() {
         let (buffer, req) = parsed("/socket.io/?EIO=4&transport=websocket");
         let req = detach_from_read_buffer(req).await;
         assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        let key = &req.headers()["sec-websocket-key"];
+        assert_eq!(key, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert!(key.is_sensitive(), "sensitivity is kept");
+        let hops: Vec<_> = req.headers().get_all("x-forwarded-for").iter().collect();
         assert_eq!(
-            req.extensions().get::<OriginalUri>().map(|u| u.0.clone()),
-            Some(req.uri().clone())
+            hops,
+            ["1.1.1.1", "2.2.2.2"],
+            "repeated headers keep their order"
         );
-        let auth = &req.headers()["authorization"];
-        assert_eq!(auth, "Bearer secret");
-        assert!(auth.is_sensitive(), "sensitivity is kept");
-        let many: Vec<_> = req.headers().get_all("x-many").iter().collect();
-        assert_eq!(many, ["a", "b"], "repeated headers keep their order");
+        assert_eq!(
+            req.headers().len(),
+            3,
+            "only what is read: {:?}",
+            req.headers()
+        );
+        assert_eq!(
+            req.extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.to_string()),
+            Some(PEER.to_owned()),
+            "the peer address is kept"
+        );
+        assert!(req.extensions().get::<OriginalUri>().is_none());
         for value in req.headers().values() {
             assert!(
                 !inside(&buffer, value.as_bytes()),
@@ -512,12 +550,6 @@ mod tests {
         assert!(
             !inside(&buffer, path.as_bytes()),
             "the URI still points into the buffer"
-        );
-        let original = req.extensions().get::<OriginalUri>().expect("original uri");
-        let original = original.0.path_and_query().expect("path").as_str();
-        assert!(
-            !inside(&buffer, original.as_bytes()),
-            "OriginalUri still points into the buffer"
         );
     }
 
@@ -530,5 +562,7 @@ mod tests {
             inside(&buffer, auth.as_bytes()),
             "not copied: nothing keeps it"
         );
+        assert_eq!(req.headers().len(), 5);
+        assert!(req.extensions().get::<OriginalUri>().is_some());
     }
 }
