@@ -52,14 +52,14 @@ struct Inbound {
     ack: AckSender,
 }
 
-/// What the auth middleware leaves on the socket for its handlers.
-#[derive(Clone)]
+/// What the auth middleware leaves on the socket for its handlers, behind an `Arc`:
+/// socketioxide's extensions hand out clones, and every incoming event reads it.
 struct Inbox {
     tx: mailbox::Sender<Inbound>,
-    rx: Arc<Mutex<Option<mailbox::Receiver<Inbound>>>>,
+    rx: Mutex<Option<mailbox::Receiver<Inbound>>>,
     identity: Identity,
     /// The socket's place under the connection caps, held by its session task.
-    admission: Arc<Mutex<Option<Admission>>>,
+    admission: Mutex<Option<Admission>>,
     closed: CancellationToken,
     /// Cancelled by the hub when the socket's outbound buffer stays full.
     slow: CancellationToken,
@@ -127,14 +127,14 @@ fn authenticate(
     })?;
     let admission = state.limits.admit(&identity.user).map_err(refused)?;
     let (tx, rx) = mailbox::bounded(INBOX_SIZE);
-    socket.extensions.insert(Inbox {
+    socket.extensions.insert(Arc::new(Inbox {
         tx,
-        rx: Arc::new(Mutex::new(Some(rx))),
+        rx: Mutex::new(Some(rx)),
         identity,
-        admission: Arc::new(Mutex::new(Some(admission))),
+        admission: Mutex::new(Some(admission)),
         closed: CancellationToken::new(),
         slow: CancellationToken::new(),
-    });
+    }));
     socket.on_fallback(async |_: Queued| {});
     Ok(())
 }
@@ -177,7 +177,7 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Queued {
             Ok(TryData(data)) => data.map_err(|e| e.to_string()),
             Err(never) => match never {},
         };
-        let Some(inbox) = s.extensions.get::<Inbox>() else {
+        let Some(inbox) = s.extensions.get::<Arc<Inbox>>() else {
             reject(ack, ErrorCode::Unavailable, "session is not ready");
             return Ok(Queued);
         };
@@ -279,7 +279,7 @@ fn reject(ack: AckSender, code: ErrorCode, message: &str) {
 }
 
 async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace) {
-    let Some(inbox) = socket.extensions.get::<Inbox>() else {
+    let Some(inbox) = socket.extensions.get::<Arc<Inbox>>() else {
         return;
     };
     let Some(mut rx) = inbox.rx.lock().ok().and_then(|mut rx| rx.take()) else {
@@ -289,7 +289,7 @@ async fn connected(state: Arc<AppState>, socket: SocketRef, namespace: Namespace
     let (closed, slow) = (inbox.closed.clone(), inbox.slow.clone());
     socket.on_disconnect(async |socket: SocketRef, reason: DisconnectReason| {
         tracing::debug!(sid = %socket.id, %reason, "socket.io disconnected");
-        if let Some(inbox) = socket.extensions.get::<Inbox>() {
+        if let Some(inbox) = socket.extensions.get::<Arc<Inbox>>() {
             inbox.closed.cancel();
         }
     });
@@ -399,7 +399,7 @@ async fn disconnect_slow(socket: &SocketRef, closed: &CancellationToken) {
 
 /// Marks a socket whose buffer stayed full as a slow consumer; its session task ends it.
 pub(crate) fn kick_slow(socket: &SocketRef) {
-    if let Some(inbox) = socket.extensions.get::<Inbox>() {
+    if let Some(inbox) = socket.extensions.get::<Arc<Inbox>>() {
         inbox.slow.cancel();
     }
 }
