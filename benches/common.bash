@@ -5,6 +5,8 @@
 # Environment:
 #   HERALD_BIN   the herald binary (default target/release/herald; smoke runs accept
 #                target/debug/herald)
+#   BENCH_BIN    the binary whose `herald bench` generates the load (default HERALD_BIN), so
+#                that an older server can be measured with today's generator
 #   REDIS_URL    use this Redis instead of starting a private redis-server
 #   BENCH_OUT    keep each run's JSON and SVG chart in this directory
 #   BENCH_ARGS   extra `herald bench` flags, appended last (they override the scenario's)
@@ -39,6 +41,7 @@ if [ ! -x "$HERALD_BIN" ]; then
   echo "$SCRIPT: $HERALD_BIN not found: cargo build --release -p herald-server, or set HERALD_BIN" >&2
   exit 2
 fi
+BENCH_BIN=${BENCH_BIN:-$HERALD_BIN}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/herald-bench.XXXXXX")
 export JWT_SECRET=${JWT_SECRET:-bench-secret-$RANDOM-$RANDOM-$RANDOM}
@@ -236,7 +239,7 @@ run_bench() {
   local extra=()
   # shellcheck disable=SC2206 # BENCH_ARGS is split on purpose.
   [ -n "${BENCH_ARGS:-}" ] && extra=(${BENCH_ARGS})
-  "$HERALD_BIN" bench --label "$label" --report lines --quiet \
+  "$BENCH_BIN" bench --label "$label" --report lines --quiet \
     --url "$(join_by , "${URLS[@]}")" --pid "$(join_by , "${SERVER_PIDS[@]}")" \
     "${aux[@]}" "${out[@]}" "$@" "${extra[@]}"
 }
@@ -259,7 +262,7 @@ run_sharded() {
   local prefix="bench-$$-$RANDOM-" barrier="$WORK/barrier-$label" k
   for k in $(seq 0 $((shards - 1))); do
     files+=("$WORK/$label-$k.json")
-    "$HERALD_BIN" bench --label "$label-$k" --report none --quiet \
+    "$BENCH_BIN" bench --label "$label-$k" --report none --quiet \
       --url "$(join_by , "${URLS[@]}")" --pid "$(join_by , "${SERVER_PIDS[@]}")" "${aux[@]}" \
       --room-prefix "$prefix" --shard "$k/$shards" --barrier "$barrier" \
       --json "$WORK/$label-$k.json" "$@" "${extra[@]}" 2>"$WORK/$label-$k.bench.log" &
@@ -276,7 +279,7 @@ run_sharded() {
       return 1
     fi
   done
-  "$HERALD_BIN" bench --merge "$(join_by , "${files[@]}")" --label "$label" --report lines \
+  "$BENCH_BIN" bench --merge "$(join_by , "${files[@]}")" --label "$label" --report lines \
     "${out[@]}" "$@" "${extra[@]}"
 }
 

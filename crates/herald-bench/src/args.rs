@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use tokio_tungstenite::tungstenite;
 
 /// Which front door the clients use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -39,6 +40,23 @@ pub enum ReportFormat {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// A request header as `name: value`.
+pub type Header = (
+    tungstenite::http::HeaderName,
+    tungstenite::http::HeaderValue,
+);
+
+fn header(s: &str) -> Result<Header, String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not `name: value`"))?;
+    let name = tungstenite::http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|e| format!("header name {:?}: {e}", name.trim()))?;
+    let value = tungstenite::http::HeaderValue::from_str(value.trim())
+        .map_err(|e| format!("header value for {name}: {e}"))?;
+    Ok((name, value))
 }
 
 /// Load-test herald: N clients over one or more instances, rooms, senders at a total rate;
@@ -99,6 +117,10 @@ pub struct BenchArgs {
     /// 127.0.0.2,127.0.0.3), so a run is not capped by one address's ephemeral ports.
     #[arg(long, value_delimiter = ',')]
     pub bind: Vec<IpAddr>,
+    /// A header every client's websocket handshake carries, as `name: value`; repeat the
+    /// flag for more (to measure what a browser's handshake costs the server, say).
+    #[arg(long = "header", value_parser = header)]
+    pub headers: Vec<Header>,
     /// HS256 secret to mint tokens with (default: env JWT_SECRET, then
     /// $HERALD_DATA_DIR/jwt-secret or ./data/jwt-secret).
     #[arg(long)]
@@ -181,4 +203,29 @@ pub struct BenchArgs {
     /// Fail unless the servers' RSS growth per connection is at most this many KiB.
     #[arg(long)]
     pub max_rss_per_conn_kib: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header;
+
+    #[test]
+    fn headers_are_read_as_name_and_value() {
+        let (name, value) = header("Accept-Language:  en-GB,en;q=0.9 ").expect("a header");
+        assert_eq!(name.as_str(), "accept-language");
+        assert_eq!(value, "en-GB,en;q=0.9");
+        let (name, value) = header("cookie: a=b; c=d:e").expect("a colon in the value");
+        assert_eq!(
+            (name.as_str(), value.to_str().ok()),
+            ("cookie", Some("a=b; c=d:e"))
+        );
+    }
+
+    #[test]
+    fn a_malformed_header_says_what_is_wrong() {
+        let missing = header("no colon").expect_err("no separator");
+        assert!(missing.contains("is not `name: value`"), "{missing}");
+        let bad = header("bad name: x").expect_err("a space in the name");
+        assert!(bad.contains("header name"), "{bad}");
+    }
 }

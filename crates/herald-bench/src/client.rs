@@ -15,11 +15,12 @@ use hdrhistogram::Histogram;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::accounting::{ClientLedger, Insert, Membership, OffsetSet};
-use crate::args::{TokenIn, Transport};
+use crate::args::{Header, TokenIn, Transport};
 use crate::latency::Recorder;
 use crate::plan::Plan;
 use crate::proto::{self, Frame, Probe};
@@ -207,6 +208,8 @@ pub struct Ctx {
     pub transport: Transport,
     pub targets: Vec<Target>,
     pub binds: Vec<IpAddr>,
+    /// Extra headers on every websocket handshake.
+    pub headers: Vec<Header>,
     /// Each client's token (empty outside this shard), when tokens are used.
     pub tokens: Vec<String>,
     pub token_in: TokenIn,
@@ -365,7 +368,11 @@ async fn connect(ctx: &Ctx, idx: usize) -> Result<Ws, ConnectError> {
     let config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(16 * 1024);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+    let mut request = url.into_client_request().map_err(ConnectError::from_ws)?;
+    for (name, value) in &ctx.headers {
+        request.headers_mut().append(name, value.clone());
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
         .map_err(ConnectError::from_ws)?;
     if ctx.transport == Transport::Sio {

@@ -449,6 +449,7 @@ async fn execute(args: &BenchArgs, threads: usize) -> anyhow::Result<Report> {
         transport: args.transport,
         targets,
         binds: args.bind.clone(),
+        headers: args.headers.clone(),
         tokens,
         token_in: args.token_in,
         room_json,
