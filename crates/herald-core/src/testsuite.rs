@@ -90,6 +90,52 @@ pub fn restart_redis(port: u16, args: &[&str]) {
     );
 }
 
+/// How old a test's temporary directory must be before a later test process removes it.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+/// A new directory under the system's temporary directory, named `{prefix}{unique}`.
+///
+/// A test cannot remove the directories it hands to a server (the server, or a store's pool,
+/// outlives the test's scope), so each test process first removes, once per prefix, the
+/// directories with that prefix that earlier runs left more than an hour ago: every run
+/// would otherwise leave its data directories behind.
+pub fn temp_dir(prefix: &str, unique: &str) -> std::path::PathBuf {
+    static SWEPT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let root = std::env::temp_dir();
+    let first = {
+        let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !swept.iter().any(|p| p == prefix);
+        if first {
+            swept.push(prefix.to_owned());
+        }
+        first
+    };
+    if first {
+        remove_stale(&root, prefix, STALE_TEMP);
+    }
+    let dir = root.join(format!("{prefix}{unique}"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Removes the entries of `root` named `{prefix}…` that were last modified over `age` ago.
+pub fn remove_stale(root: &std::path::Path, prefix: &str, age: Duration) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|elapsed| elapsed > age);
+        if stale && entry.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A TCP port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -596,4 +642,32 @@ macro_rules! store_test_suite {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod temp_tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::remove_stale;
+
+    #[test]
+    fn only_old_directories_with_the_prefix_are_removed() {
+        let root = std::env::temp_dir().join(format!("herald-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dirs = ["herald-x-old", "herald-x-new", "other-old"];
+        for name in dirs {
+            std::fs::create_dir_all(root.join(name)).expect("a directory");
+        }
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for name in ["herald-x-old", "other-old"] {
+            let dir = std::fs::File::open(root.join(name)).expect("open the directory");
+            dir.set_modified(two_hours_ago).expect("set its time");
+        }
+        remove_stale(&root, "herald-x-", Duration::from_secs(3600));
+        let exists = |name: &str| root.join(name).exists();
+        assert!(!exists("herald-x-old"), "stale, with the prefix: removed");
+        assert!(exists("herald-x-new"), "recent: kept");
+        assert!(exists("other-old"), "another prefix: kept");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 
 /// A URL for a new, empty SQLite database in a temporary directory.
 pub fn sqlite_url() -> String {
-    let dir = std::env::temp_dir().join(format!("herald-store-{}", unique()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = herald_core::testsuite::temp_dir("herald-store-", &unique());
     format!("sqlite://{}?mode=rwc", dir.join("herald.db").display())
 }
 
@@ -42,10 +41,10 @@ fn server() -> &'static (String, String) {
 }
 
 /// Starts a private PostgreSQL (initdb into a temporary directory, trust auth, loopback) that
-/// stops when this process exits. As root, it runs as the `postgres` user.
+/// stops, and whose directory is removed, when this process exits. As root, it runs as the
+/// `postgres` user.
 pub fn start_postgres() -> String {
-    let dir: PathBuf = std::env::temp_dir().join(format!("herald-pg-{}", unique()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir: PathBuf = herald_core::testsuite::temp_dir("herald-pg-", &unique());
     let port = herald_core::testsuite::free_port();
     let as_root = Command::new("id")
         .arg("-u")
@@ -64,7 +63,8 @@ pub fn start_postgres() -> String {
     let script = format!(
         "{run} {initdb} -D {data} -A trust -U postgres >/dev/null 2>&1 || exit 1; \
          ({run} {postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off & pid=$!; \
-          while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid) >/dev/null 2>&1 &",
+          while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $pid; wait $pid; rm -rf {dir}) \
+          >/dev/null 2>&1 &",
         data = data.display(),
         dir = dir.display(),
         parent = std::process::id()

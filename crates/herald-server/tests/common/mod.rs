@@ -33,8 +33,7 @@ impl TestServer {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let data_dir =
-            std::env::temp_dir().join(format!("herald-test-{}", herald_server::random_id(10)));
+        let data_dir = testsuite::temp_dir("herald-test-", &herald_server::random_id(10));
         let mut config = Config {
             jwt_secret: Some(Secret::new(SECRET)),
             api_key: Some(Secret::new(API_KEY)),
@@ -247,7 +246,7 @@ impl Instance {
             .env("RUST_LOG", "info")
             .env(
                 "HERALD_DATA_DIR",
-                std::env::temp_dir().join(format!("herald-fleet-{}", herald_server::random_id(8))),
+                testsuite::temp_dir("herald-fleet-", &herald_server::random_id(8)),
             )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
