@@ -89,11 +89,12 @@ pub fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
 impl<T> Sender<T> {
     /// Queues `item` unless the mailbox is full or its receiver is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        if self.shared.receiver_gone.load(Ordering::Acquire) {
-            return Err(TrySendError::Closed(item));
-        }
         {
             let mut queue = self.shared.queue();
+            // Read under the lock the receiver's drop takes: nothing is queued after it.
+            if self.shared.receiver_gone.load(Ordering::Acquire) {
+                return Err(TrySendError::Closed(item));
+            }
             if queue.len() >= self.shared.capacity {
                 return Err(TrySendError::Full(item));
             }
@@ -147,9 +148,13 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        self.shared.receiver_gone.store(true, Ordering::Release);
-        // What was queued goes now, not when the last sender does.
-        drop(std::mem::take(&mut *self.shared.queue()));
+        let queued = {
+            let mut queue = self.shared.queue();
+            self.shared.receiver_gone.store(true, Ordering::Release);
+            std::mem::take(&mut *queue)
+        };
+        // What was queued goes now (outside the lock), not when the last sender does.
+        drop(queued);
     }
 }
 
