@@ -128,4 +128,18 @@ describe('transports', { timeout: 60_000 }, () => {
     assert.equal(got.items[0].data, 'after upgrade');
     assertAck(await emitAck(s, 'presence', room), { ok: true, users: ['upgrader'] });
   });
+
+  test('a client told not to add the trailing slash (path /socket.io) works on every transport', async () => {
+    for (const transports of [['websocket'], ['polling'], ['polling', 'websocket']]) {
+      const room = roomName('slash');
+      const client = await openClient(server, { sub: 'no-slash', transports, addTrailingSlash: false });
+      assert.equal(client.session.user, 'no-slash', transports.join('+'));
+      assertAck(await emitAck(client.socket, 'join', room), { ok: true, room, offset: 0, recovered: false });
+      const got = collect(client.socket, 'message', (m) => m.room === room);
+      await publish(client.socket, room, transports.join('+'));
+      await got.until(1);
+      assert.equal(got.items[0].data, transports.join('+'));
+      client.socket.close();
+    }
+  });
 });

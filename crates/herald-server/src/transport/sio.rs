@@ -208,6 +208,13 @@ const KEPT_HEADERS: [&str; 4] = [
     "x-real-ip",
 ];
 
+/// Whether engineioxide serves `path`: `/socket.io` itself or anything under it (a client
+/// may be told not to add the trailing slash).
+fn is_socket_io(path: &str) -> bool {
+    path.strip_prefix("/socket.io")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// Trims a Socket.IO request to what engineioxide and herald read, in owned copies.
 ///
 /// engineioxide keeps the handshake request's parts in its socket for the socket's whole life.
@@ -219,7 +226,7 @@ const KEPT_HEADERS: [&str; 4] = [
 /// languages…) and the router's copies of the path (`OriginalUri`, `MatchedPath`) are
 /// dropped rather than kept for the connection's life.
 pub async fn detach_from_read_buffer(mut req: axum::extract::Request) -> axum::extract::Request {
-    if !req.uri().path().starts_with("/socket.io/") {
+    if !is_socket_io(req.uri().path()) {
         return req;
     }
     if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
@@ -251,7 +258,7 @@ pub async fn limit_handshakes(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let opens_session = req.uri().path().starts_with("/socket.io")
+    let opens_session = is_socket_io(req.uri().path())
         && !req
             .uri()
             .query()
@@ -554,15 +561,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn other_requests_are_left_as_they_are() {
-        let (buffer, req) = parsed("/api/stats");
+    async fn the_socket_io_path_without_its_trailing_slash_is_trimmed_too() {
+        let (buffer, req) = parsed("/socket.io?EIO=4&transport=websocket");
         let req = detach_from_read_buffer(req).await;
-        let auth = &req.headers()["authorization"];
-        assert!(
-            inside(&buffer, auth.as_bytes()),
-            "not copied: nothing keeps it"
+        assert_eq!(
+            req.headers().len(),
+            3,
+            "only what is read: {:?}",
+            req.headers()
         );
-        assert_eq!(req.headers().len(), 5);
-        assert!(req.extensions().get::<OriginalUri>().is_some());
+        let path = req.uri().path_and_query().expect("path").as_str();
+        assert!(!inside(&buffer, path.as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn other_requests_are_left_as_they_are() {
+        for path in ["/api/stats", "/socket.iox/stats"] {
+            let (buffer, req) = parsed(path);
+            let req = detach_from_read_buffer(req).await;
+            let auth = &req.headers()["authorization"];
+            assert!(
+                inside(&buffer, auth.as_bytes()),
+                "{path}: not copied, as nothing keeps it"
+            );
+            assert_eq!(req.headers().len(), 5, "{path}");
+            assert!(req.extensions().get::<OriginalUri>().is_some(), "{path}");
+        }
     }
 }
