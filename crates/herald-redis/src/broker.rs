@@ -45,9 +45,9 @@ end
 -- Lua writes a number as text through printf's floating point path: once is enough.
 local text = tostring(off)
 local stored = ARGV[4] .. text .. ARGV[5]
-local size = tonumber(ARGV[6])
-if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, text .. '-1', 'm', stored)
+-- Commands get ARGV's text as it came: a Lua number would go through printf again.
+if tonumber(ARGV[6]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], text .. '-1', 'm', stored)
 end
 if ARGV[9] == '1' then
   redis.call('XADD', KEYS[4], '*', 'ns', ARGV[10], 'm', stored, 'ep', epoch, 'in', ARGV[11])
@@ -103,7 +103,8 @@ local function assign(k, a)
   local text = tostring(off)
   local stored = ARGV[a + 3] .. text .. ARGV[a + 4]
   if size > 0 then
-    redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', size, text .. '-1', 'm', stored)
+    -- ARGV's text as it came: a Lua number would go through printf again.
+    redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', ARGV[1], text .. '-1', 'm', stored)
   end
   if ttl > 0 and (fresh or ARGV[a + 8] == '1') then
     redis.call('EXPIRE', KEYS[k], ttl)
@@ -196,8 +197,8 @@ struct Prepared {
 
 impl Prepared {
     /// The published message, once the script assigned its offset and epoch.
-    fn into_message(self, offset: u64, epoch: String) -> Arc<Message> {
-        metrics::counter!(metric::BROKER_PUBLISHES).increment(1);
+    fn into_message(self, meters: &Meters, offset: u64, epoch: String) -> Arc<Message> {
+        meters.publishes.increment(1);
         Arc::new(Message {
             offset,
             epoch: epoch.into(),
@@ -255,6 +256,28 @@ struct Inner {
     subs: mpsc::UnboundedSender<SubCmd>,
     /// When this instance last had each room's TTL refreshed; see [`Inner::refresh_due`].
     refreshed: Mutex<TtlRefreshes>,
+    meters: Meters,
+}
+
+/// Handles of the metrics counted per message, looked up once rather than on every message.
+struct Meters {
+    publishes: metrics::Counter,
+    publish_seconds: metrics::Histogram,
+    receives_room: metrics::Counter,
+    receives_namespace: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        Self {
+            publishes: metrics::counter!(metric::BROKER_PUBLISHES),
+            publish_seconds: metrics::histogram!(metric::BROKER_PUBLISH_SECONDS),
+            receives_room: metrics::counter!(metric::BROKER_RECEIVES, "kind" => "room"),
+            receives_namespace: metrics::counter!(metric::BROKER_RECEIVES, "kind" => "namespace"),
+            latency: metrics::histogram!(metric::BROKER_LATENCY),
+        }
+    }
 }
 
 /// The rooms whose keys this instance refreshed lately, and when.
@@ -290,6 +313,7 @@ impl RedisBroker {
             refs: Mutex::new(HashMap::new()),
             subs,
             refreshed: Mutex::new(TtlRefreshes::default()),
+            meters: Meters::new(),
         });
         tokio::spawn(link(Arc::downgrade(&inner), sub_rx));
         Ok(Self { inner })
@@ -404,8 +428,10 @@ impl Inner {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        metrics::histogram!(metric::BROKER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(p.into_message(offset, epoch))
+        self.meters
+            .publish_seconds
+            .record(started.elapsed().as_secs_f64());
+        Ok(p.into_message(&self.meters, offset, epoch))
     }
 
     /// Publishes up to [`MAX_SCRIPT_BATCH`] messages with one script call; the answers come
@@ -438,7 +464,8 @@ impl Inner {
         let mut replies = if prepared.iter().any(Result::is_ok) {
             let started = Instant::now();
             let replies: Result<Vec<redis::Value>, _> = call.invoke_async(&mut conn).await;
-            metrics::histogram!(metric::BROKER_PUBLISH_SECONDS)
+            self.meters
+                .publish_seconds
                 .record(started.elapsed().as_secs_f64());
             replies
                 .map(Vec::into_iter)
@@ -461,7 +488,7 @@ impl Inner {
                     },
                     Err(error) => return Err(BrokerError::Unavailable(error.clone())),
                 };
-                Ok(p.into_message(offset, epoch))
+                Ok(p.into_message(&self.meters, offset, epoch))
             })
             .collect()
     }
@@ -1001,8 +1028,11 @@ async fn on_message(
         let Some(room) = channels.room_of(channel) else {
             continue;
         };
-        let kind = if room.is_some() { "room" } else { "namespace" };
-        metrics::counter!(metric::BROKER_RECEIVES, "kind" => kind).increment(1);
+        let (kind, receives) = match room {
+            Some(_) => ("room", &broker.meters.receives_room),
+            None => ("namespace", &broker.meters.receives_namespace),
+        };
+        receives.increment(1);
         let broadcast = match codec::decode_broadcast(msg.get_payload_bytes()) {
             Ok(b) => b,
             Err(e) => {
@@ -1058,7 +1088,7 @@ async fn deliver(
                 }
                 last.insert(key.clone(), message.offset);
                 let latency = crate::now_ms() - message.ts;
-                metrics::histogram!(metric::BROKER_LATENCY).record(latency.max(0) as f64 / 1000.0);
+                broker.meters.latency.record(latency.max(0) as f64 / 1000.0);
                 Payload::Message(Arc::new(message))
             }
             None => event_payload(broadcast, first),

@@ -126,6 +126,9 @@ pub(super) struct Shard {
     rx: mpsc::Receiver<ShardCmd>,
     rooms: HashMap<RoomKey, LocalRoom>,
     sio: Arc<OnceLock<SocketIo>>,
+    /// Handles of the per-delivery metrics, looked up once rather than on every delivery.
+    delivered: metrics::Counter,
+    latency: metrics::Histogram,
 }
 
 impl Shard {
@@ -134,6 +137,8 @@ impl Shard {
             rx,
             rooms: HashMap::new(),
             sio,
+            delivered: metrics::counter!(m::MESSAGES_DELIVERED),
+            latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }
     }
 
@@ -250,13 +255,13 @@ impl Shard {
                 room.sio_lagging = failed > 0;
             }
         }
-        metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
+        self.delivered.increment(delivered);
         if dropped > 0 {
             metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(dropped);
         }
         if let Payload::Message(message) = &out.payload {
             let age_ms = (now_ms() - message.ts).max(0) as u64;
-            metrics::histogram!(m::DELIVERY_LATENCY)
+            self.latency
                 .record(Duration::from_millis(age_ms).as_secs_f64());
         }
     }
