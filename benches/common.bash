@@ -334,6 +334,10 @@ acked_of() {
 # with its own id.
 stored_exactly() {
   local label=$1 acked=$2 started=$3 what=$4 rows finished distinct
+  if ! [ "${acked:-0}" -gt 0 ] 2>/dev/null; then
+    echo "$label: FAIL: no publish was acked" >&2
+    exit 1
+  fi
   rows=$(wait_rows "$acked")
   finished=$(date +%s.%N)
   distinct=$(psql "$DATABASE_URL" -tAc "select count(distinct id) from messages")

@@ -12,7 +12,7 @@ pub enum PlanError {
     TooManyMembers { members: usize, clients: usize },
     #[error("--senders {senders} is more than the {slots} room memberships (rooms × members)")]
     TooManySenders { senders: usize, slots: usize },
-    #[error("--rooms {0} needs --members of at least 1")]
+    #[error("--rooms {0} needs --members of at least 1 (or --api-batch publishers only)")]
     EmptyRooms(usize),
     #[error("--senders needs at least one room")]
     SendersWithoutRooms,
@@ -56,7 +56,9 @@ impl Plan {
         if urls == 0 {
             return Err(PlanError::NoUrls);
         }
-        if rooms > 0 && members == 0 {
+        // Rooms nobody joins only make sense for publishers outside the plan (--api-batch):
+        // they measure publishing and storing without live delivery.
+        if rooms > 0 && members == 0 && senders > 0 {
             return Err(PlanError::EmptyRooms(rooms));
         }
         if members > clients {
@@ -158,6 +160,20 @@ mod tests {
         let plan = Plan::new(shape(100, 0, 0, 0), "r").expect("plan");
         assert!(plan.client_rooms.iter().all(Vec::is_empty));
         assert_eq!(plan.sending_clients(), 0);
+    }
+
+    #[test]
+    fn rooms_without_members_are_for_outside_publishers_only() {
+        // --api-batch publishers are not in the plan: their rooms may have no members.
+        let plan = Plan::new(shape(1, 100, 0, 0), "r").expect("plan");
+        assert_eq!(plan.room_names.len(), 100);
+        assert!(plan.members.iter().all(Vec::is_empty));
+        assert!(plan.client_rooms.iter().all(Vec::is_empty));
+        // Socket senders publish to rooms they joined, so those need members.
+        assert_eq!(
+            Plan::new(shape(10, 5, 0, 1), "r").err(),
+            Some(PlanError::EmptyRooms(5))
+        );
     }
 
     #[test]
