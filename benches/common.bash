@@ -176,7 +176,8 @@ start_herald() {
   if [ -n "$BENCH_REDIS_URL" ]; then
     redis_env=(REDIS_URL="$BENCH_REDIS_URL" HERALD_REDIS_KEY="bench-$$" HERALD_HISTORY_TTL=10m)
   fi
-  env "${redis_env[@]}" PORT=0 HERALD_HOST=127.0.0.1 INSTANCE_ID="$name" \
+  # HERALD_BIN is the scripts' own variable: herald would warn of an unknown setting.
+  env -u HERALD_BIN "${redis_env[@]}" PORT=0 HERALD_HOST=127.0.0.1 INSTANCE_ID="$name" \
     HERALD_DATA_DIR="$WORK/$name" HERALD_SHUTDOWN_TIMEOUT=3s \
     HERALD_IP_CONNECT_RATE="${HERALD_IP_CONNECT_RATE:-0}" \
     RUST_LOG="${RUST_LOG:-warn,herald_server=info}" \
