@@ -19,11 +19,11 @@ pub enum RoomError {
     Empty,
     #[error("room name is longer than {MAX_ROOM_LEN} bytes")]
     TooLong,
-    #[error("room name contains {0:?}; allowed are letters, digits and _ - : . @ / = +")]
+    #[error("room name contains {0:?}; allowed are letters, digits and _ - : . @ / = + |")]
     BadChar(char),
 }
 
-/// A validated room name: 1 to 128 bytes of `A-Z a-z 0-9 _ - : . @ / = +`.
+/// A validated room name: 1 to 128 bytes of `A-Z a-z 0-9 _ - : . @ / = + |`.
 ///
 /// The charset keeps names safe inside Redis channel names (`socket.io#/#<room>#`), URLs and
 /// logs; `#`, `*` and whitespace are refused.
@@ -71,8 +71,10 @@ impl RoomName {
     }
 }
 
+/// `|` is there for identity providers' user ids (`auth0|…`, `google-oauth2|…`), which
+/// name personal rooms.
 fn is_room_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | '@' | '/' | '=' | '+')
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | '@' | '/' | '=' | '+' | '|')
 }
 
 impl fmt::Display for RoomName {
@@ -217,6 +219,7 @@ mod tests {
     fn room_names_follow_the_charset_and_length() {
         assert!(RoomName::new("chat:lobby").is_ok());
         assert!(RoomName::new("a.b-c_d@e/f=g+h").is_ok());
+        assert!(RoomName::new("user:auth0|5f7c8ec7c33c6c004bbafe82").is_ok());
         assert_eq!(RoomName::new(""), Err(RoomError::Empty));
         assert_eq!(RoomName::new("a#b"), Err(RoomError::BadChar('#')));
         assert_eq!(RoomName::new("bad room"), Err(RoomError::BadChar(' ')));

@@ -20,7 +20,9 @@ pub enum AuthError {
     Invalid(#[from] jsonwebtoken::errors::Error),
     #[error("token signed with {0:?}, which this server has no key for")]
     NoKeyFor(Algorithm),
-    #[error("token sub {0:?} is not a valid user id")]
+    #[error(
+        "token sub {0:?} is not a valid user id (1 to 123 bytes of letters, digits and _ - : . @ / = + |)"
+    )]
     BadSubject(String),
     #[error("jwt public key: {0}")]
     PublicKey(String),
@@ -122,11 +124,8 @@ impl Verifier {
         // A token issued for later (`nbf` in the future) is not valid yet.
         validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)?.claims;
+        check_subject(&claims.sub)?;
         let user = UserId::new(claims.sub.as_str());
-        // The user's personal room must be a valid room name, which bounds the id's charset.
-        if claims.sub.is_empty() || RoomName::new(RoomName::personal(&user).as_str()).is_err() {
-            return Err(AuthError::BadSubject(claims.sub));
-        }
         let rooms = claims
             .rooms
             .as_deref()
@@ -192,6 +191,17 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 /// Mints an HS256 token for `sub`, valid for `ttl`, limited to `rooms` when given.
+/// A user id (`sub`) must name a valid personal room (`user:<sub>`), which bounds its length
+/// and charset: letters, digits and `_ - : . @ / = + |`, so identity providers' ids such as
+/// `auth0|…` pass.
+pub fn check_subject(sub: &str) -> Result<(), AuthError> {
+    let personal = RoomName::personal(&UserId::new(sub));
+    if sub.is_empty() || RoomName::new(personal.as_str()).is_err() {
+        return Err(AuthError::BadSubject(sub.to_owned()));
+    }
+    Ok(())
+}
+
 pub fn mint(
     secret: &Secret,
     sub: &str,
@@ -315,6 +325,26 @@ mod tests {
             v.verify(Some(&token)),
             Err(AuthError::BadSubject(_))
         ));
+    }
+
+    #[test]
+    fn identity_provider_subjects_are_accepted() {
+        let (v, secret) = verifier(AuthMode::On);
+        for sub in [
+            "auth0|5f7c8ec7c33c6c004bbafe82",
+            "google-oauth2|1043",
+            "ann@example.com",
+        ] {
+            let token = mint(&secret, sub, None, Duration::from_secs(60)).expect("mint");
+            let id = v.verify(Some(&token)).expect(sub);
+            assert_eq!(id.user.as_str(), sub);
+        }
+        assert!(check_subject("").is_err());
+        assert!(check_subject(&"a".repeat(123)).is_ok());
+        assert!(
+            check_subject(&"a".repeat(124)).is_err(),
+            "user:<sub> fits in a room name"
+        );
     }
 
     #[test]

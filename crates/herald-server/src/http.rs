@@ -697,11 +697,8 @@ async fn dev_token(
     };
     let request: DevTokenRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{sub, rooms?}}: {e}")))?;
-    let personal = RoomName::personal(&UserId::new(request.sub.as_str()));
-    if request.sub.is_empty() || RoomName::new(personal.as_str()).is_err() {
-        return Err(ApiError::BadRequest(
-            "sub must be a valid user id (letters, digits, _ - : . @ / = +)".into(),
-        ));
+    if let Err(e) = crate::auth::check_subject(&request.sub) {
+        return Err(ApiError::BadRequest(e.to_string()));
     }
     if let Some(rooms) = &request.rooms
         && (rooms.len() > 64 || rooms.iter().any(|r| r.is_empty() || r.len() > 128))

@@ -255,6 +255,7 @@ async fn shutdown_signal() {
 }
 
 fn token(config: &Config, sub: &str, rooms: Option<String>, ttl: &str) -> anyhow::Result<()> {
+    auth::check_subject(sub)?;
     let ttl = parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     let secret = match (&config.jwt_secret, &config.jwt_public_key) {
         (Some(secret), _) => secret.clone(),
