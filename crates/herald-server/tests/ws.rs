@@ -434,6 +434,12 @@ async fn tokens_that_try_to_get_around_auth_are_refused_at_the_upgrade() {
     let now = now_secs();
     let ok = sign(json!({"sub": "dave", "exp": now + 600}));
     assert_eq!(upgrade_status(&server, &ok).await, 101, "the control case");
+    let provider = sign(json!({"sub": "auth0|5f7c8ec7c33c6c004bbafe82", "exp": now + 600}));
+    assert_eq!(
+        upgrade_status(&server, &provider).await,
+        101,
+        "an identity provider's user id"
+    );
     let [header, payload, _] =
         <[&str; 3]>::try_from(ok.split('.').collect::<Vec<_>>()).expect("three parts");
     let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0"; // {"alg":"none","typ":"JWT"}
