@@ -425,6 +425,10 @@ pub async fn run(
 
     shutdown.await;
     let timeout = state.config.shutdown_timeout;
+    // One deadline for the whole shutdown. Closing connections may use three quarters of it,
+    // so that the worker always has the rest to store what it still holds.
+    let started = tokio::time::Instant::now();
+    let (connections_by, deadline) = (started + timeout * 3 / 4, started + timeout);
     tracing::info!(
         ?timeout,
         connections = state.connections(),
@@ -433,8 +437,8 @@ pub async fn run(
     state.draining.cancel();
     // Clients reconnect elsewhere a batch at a time and recover by offset there. Whatever is
     // left after the batches (long-polling sessions, which hold no connection) closes at once.
-    let drained = tokio::time::timeout(
-        timeout,
+    let drained = tokio::time::timeout_at(
+        connections_by,
         state
             .drain
             .close_in_batches(state.config.drain_batch, state.config.drain_interval),
@@ -443,9 +447,15 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!("shutdown timeout reached while closing connections in batches");
     }
-    io.close().await;
+    // Bounded as well: a socket whose peer stopped reading must not hold the shutdown.
+    if tokio::time::timeout_at(connections_by, io.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout reached while closing Socket.IO sessions");
+    }
     state.sessions.close();
-    if tokio::time::timeout(timeout, state.sessions.wait())
+    if tokio::time::timeout_at(connections_by, state.sessions.wait())
         .await
         .is_err()
     {
@@ -454,18 +464,23 @@ pub async fn run(
             "shutdown timeout reached with connections still open"
         );
     }
-    if let Some(presence) = &engines.redis_presence {
-        presence.clear().await;
-    }
-    // The worker stores what is still queued, then stops.
+    // The worker stores what is still queued, then stops; presence is cleared meanwhile.
     stop_worker.cancel();
+    if let Some(presence) = &engines.redis_presence
+        && tokio::time::timeout_at(deadline, presence.clear())
+            .await
+            .is_err()
+    {
+        // The entries expire after HERALD_PRESENCE_TTL, as after a crash.
+        tracing::warn!("presence entries were not removed within the shutdown timeout");
+    }
     if let Some(worker) = worker
-        && tokio::time::timeout(timeout, worker).await.is_err()
+        && tokio::time::timeout_at(deadline, worker).await.is_err()
     {
         tracing::warn!("the persist worker did not finish within the shutdown timeout");
     }
     stop_engines.cancel();
-    match tokio::time::timeout(timeout, server).await {
+    match tokio::time::timeout_at(deadline, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e).context("http server failed"),
         Ok(Err(e)) => return Err(e).context("http server task failed"),

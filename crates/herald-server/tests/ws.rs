@@ -527,3 +527,53 @@ async fn room_rules_hold_for_every_command_that_names_a_room() {
         alice.pushed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_within_its_timeout_even_with_peers_that_hang() {
+    use tokio::io::AsyncWriteExt;
+    let timeout = std::time::Duration::from_secs(2);
+    let server = TestServer::start_with(|c| {
+        c.shutdown_timeout = timeout;
+        // Never a slow consumer here: the client below stays connected, stuck.
+        c.outbound_queue = 100_000;
+    })
+    .await;
+    // A websocket client in a busy room that stops reading: once the kernel's buffers are
+    // full, nothing more (not even the close frame) reaches it.
+    let (mut mute, _) = WsClient::connect(&server, "mute").await;
+    mute.request(json!({"type": "join", "room": "busy"})).await;
+    let http = reqwest::Client::new();
+    let data = "x".repeat(60_000);
+    for _ in 0..20 {
+        let messages: Vec<_> = (0..10)
+            .map(|_| json!({"room": "busy", "data": data}))
+            .collect();
+        let answer = http
+            .post(server.url("/api/publish"))
+            .bearer_auth(common::API_KEY)
+            .json(&json!({"messages": messages}))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(answer.status(), 200);
+    }
+    // An HTTP request whose headers never finish.
+    let mut half = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("tcp");
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: herald\r\n")
+        .await
+        .expect("partial request");
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(timeout * 5, server.shutdown()).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "the server exits cleanly: {result:?}"
+    );
+    assert!(
+        took < timeout + std::time::Duration::from_millis(700),
+        "the whole shutdown fits in HERALD_SHUTDOWN_TIMEOUT ({timeout:?}), took {took:?}"
+    );
+    drop((mute, half));
+}
