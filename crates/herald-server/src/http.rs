@@ -672,8 +672,14 @@ const DEV_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 /// the page's "mint dev token" button. It exists only in dev mode ([`AppState::dev_mode`]); in
 /// production it is a 404 like any unknown path. Browsers may call it from this server's own
 /// page only, so that another site open in the developer's browser cannot mint tokens.
+///
+/// With auth on and no `JWT_SECRET` (a plain start, which listens on every address), tokens
+/// are minted only for clients on this machine: otherwise anyone who can reach the port could
+/// mint a token for any user. `HERALD_AUTH=off` admits everyone anyway, and keeps the page
+/// usable from other machines.
 async fn dev_token(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -685,6 +691,19 @@ async fn dev_token(
         return Err(ClientError::new(
             ErrorCode::Forbidden,
             "dev tokens are minted for this server's own page only",
+        )
+        .into());
+    }
+    let local = state
+        .limits
+        .client_ip(Some(peer), &headers)
+        .is_some_and(|ip| ip.is_loopback());
+    if state.config.auth != AuthMode::Off && !local {
+        return Err(ClientError::new(
+            ErrorCode::Forbidden,
+            "dev tokens are minted only for clients on this machine while auth is on; \
+             mint one with `herald token --sub <user>` on the server, set JWT_SECRET, \
+             or run with HERALD_AUTH=off for development",
         )
         .into());
     }

@@ -139,6 +139,43 @@ async fn other_sites_cannot_mint_dev_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_only_this_machine_mints_dev_tokens() {
+    // A plain start: auth on, no JWT_SECRET. A proxy on loopback forwards a remote client.
+    let trust = |c: &mut herald_server::config::Config| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().expect("range")];
+    };
+    let post = |server: &TestServer, forwarded: Option<&'static str>| {
+        let mut request = reqwest::Client::new()
+            .post(server.url("/dev/token"))
+            .json(&json!({"sub": "mallory"}));
+        if let Some(address) = forwarded {
+            request = request.header("x-forwarded-for", address);
+        }
+        request.send()
+    };
+    let server = TestServer::start_with(|c| {
+        c.jwt_secret = None;
+        trust(c);
+    })
+    .await;
+    let local = post(&server, None).await.expect("post");
+    assert_eq!(local.status(), 200, "a client on this machine");
+    let remote = post(&server, Some("203.0.113.9")).await.expect("post");
+    assert_eq!(remote.status(), 403);
+    let body: Value = remote.json().await.expect("json");
+    common::assert_refused(&body, "forbidden", "herald token --sub");
+
+    // With auth off everyone is admitted anyway, and the page works from anywhere.
+    let open = TestServer::start_with(|c| {
+        c.auth = AuthMode::Off;
+        trust(c);
+    })
+    .await;
+    let remote = post(&open, Some("203.0.113.9")).await.expect("post");
+    assert_eq!(remote.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_off_dev_tokens_are_signed_with_the_configured_secret() {
     let server = TestServer::start_with(|c| c.auth = AuthMode::Off).await;
     let response = mint(&server, json!({"sub": "frank"})).await;
