@@ -380,6 +380,25 @@ async fn publish(
     Ok(Json(json!({ "ok": true })))
 }
 
+/// `Query`, with a malformed query string (`since=abc`) answered like every other API error:
+/// `400 {ok: false, error: "bad_request", message}` rather than axum's plain text.
+struct ApiQuery<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(query)| Self(query))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
 #[derive(Deserialize)]
 struct RoomQuery {
     namespace: Option<String>,
@@ -394,7 +413,7 @@ async fn room_presence(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
     Path(room): Path<String>,
-    Query(query): Query<RoomQuery>,
+    ApiQuery(query): ApiQuery<RoomQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::new(
         namespace(&state, query.namespace.as_deref())?,
@@ -410,7 +429,7 @@ async fn room_history(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
     Path(room): Path<String>,
-    Query(query): Query<RoomQuery>,
+    ApiQuery(query): ApiQuery<RoomQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::new(
         namespace(&state, query.namespace.as_deref())?,

@@ -251,3 +251,24 @@ async fn the_api_refuses_data_no_json_value_holds_and_takes_the_rest() {
         "a pair, an escaped backslash and large numbers are fine: {body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_query_gets_the_api_error_shape() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    for path in [
+        "/api/rooms/r/history?since=abc",
+        "/api/rooms/r/history?limit=-1",
+        "/api/rooms/r/presence?since=x",
+    ] {
+        let response = http
+            .get(server.url(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(response.status(), 400, "{path}");
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_refused(&body, "bad_request", "query");
+    }
+}
