@@ -10,6 +10,7 @@
 //! - [`presence`]: the [`Presence`] trait, which tracks which users are in which rooms.
 //! - [`store`]: the [`Store`] and [`PersistQueue`] traits of the durable path.
 //! - [`memory`]: the single-instance engines, used when no Redis is configured.
+//! - [`redact`]: connection URLs with their secrets hidden, for logs and `check-config`.
 //!
 //! The traits are object safe (their methods return [`BoxFuture`]) so that the server picks an
 //! engine from its configuration at start and holds it as `Arc<dyn Broker>`. Boxing costs one
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod memory;
 pub mod message;
 pub mod presence;
+pub mod redact;
 pub mod room;
 pub mod store;
 #[cfg(any(test, feature = "testsuite"))]

@@ -59,13 +59,7 @@ impl RedisSettings {
 
     /// The URL without its password, for logs.
     pub fn redacted_url(&self) -> String {
-        match self.url.split_once('@') {
-            Some((scheme_and_auth, host)) => {
-                let scheme = scheme_and_auth.split("://").next().unwrap_or("redis");
-                format!("{scheme}://***@{host}")
-            }
-            None => self.url.clone(),
-        }
+        herald_core::redact::redact_url(&self.url)
     }
 }
 

@@ -584,13 +584,7 @@ fn parse_size(value: &str) -> Result<usize, String> {
 /// Prints a URL without its password.
 fn serialize_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match url {
-        Some(url) => match url.split_once('@') {
-            Some((scheme_and_auth, host)) => {
-                let scheme = scheme_and_auth.split("://").next().unwrap_or("redis");
-                s.serialize_str(&format!("{scheme}://<redacted>@{host}"))
-            }
-            None => s.serialize_str(url),
-        },
+        Some(url) => s.serialize_str(&herald_core::redact::redact_url(url)),
         None => s.serialize_none(),
     }
 }
