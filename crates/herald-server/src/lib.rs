@@ -330,7 +330,7 @@ pub async fn run(
     } else if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
         tracing::warn!(
             path = %config.data_dir.join("jwt-secret").display(),
-            "JWT_SECRET is not set: using the generated development secret; `herald token` mints tokens for it"
+            "JWT_SECRET is not set: using the generated development secret; `herald token` mints tokens for it, and the page at / mints them for clients on this machine only"
         );
     }
     let metrics = metrics::install();
