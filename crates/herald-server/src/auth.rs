@@ -190,7 +190,6 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(path, contents)
 }
 
-/// Mints an HS256 token for `sub`, valid for `ttl`, limited to `rooms` when given.
 /// A user id (`sub`) must name a valid personal room (`user:<sub>`), which bounds its length
 /// and charset: letters, digits and `_ - : . @ / = + |`, so identity providers' ids such as
 /// `auth0|…` pass.
@@ -202,6 +201,7 @@ pub fn check_subject(sub: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Mints an HS256 token for `sub`, valid for `ttl`, limited to `rooms` when given.
 pub fn mint(
     secret: &Secret,
     sub: &str,
