@@ -37,8 +37,8 @@ if [ "$backlog" != "$acked" ]; then
   exit 1
 fi
 
-env REDIS_URL="$BENCH_REDIS_URL" HERALD_REDIS_KEY="bench-$$" PORT=0 HERALD_HOST=127.0.0.1 \
-  env -u HERALD_BIN WORKER_ID=drain RUST_LOG="${RUST_LOG:-warn,herald_server=info}" "$HERALD_BIN" worker \
+env -u HERALD_BIN REDIS_URL="$BENCH_REDIS_URL" HERALD_REDIS_KEY="bench-$$" PORT=0 HERALD_HOST=127.0.0.1 \
+  WORKER_ID=drain RUST_LOG="${RUST_LOG:-warn,herald_server=info}" "$HERALD_BIN" worker \
   >/dev/null 2>"$WORK/worker.log" &
 worker=$!
 STARTED+=("$worker")
