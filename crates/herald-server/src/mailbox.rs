@@ -14,7 +14,7 @@
 //! item is taken out of the queue only by the poll that returns it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -23,16 +23,22 @@ use tokio::sync::Notify;
 const KEPT_CAPACITY: usize = 8;
 
 struct Shared<T> {
-    queue: Mutex<VecDeque<T>>,
+    queue: Mutex<Queue<T>>,
     notify: Notify,
     senders: AtomicUsize,
-    receiver_gone: AtomicBool,
     capacity: usize,
 }
 
+/// What the lock guards: the items, and whether the receiver is gone (set under the same
+/// lock, so nothing is queued after the receiver's drop).
+struct Queue<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
 impl<T> Shared<T> {
-    fn queue(&self) -> MutexGuard<'_, VecDeque<T>> {
-        // A panic while holding the lock leaves a consistent VecDeque.
+    fn queue(&self) -> MutexGuard<'_, Queue<T>> {
+        // A panic while holding the lock leaves a consistent queue.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -67,10 +73,12 @@ pub struct Receiver<T> {
 /// A mailbox that holds at most `capacity` items.
 pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        queue: Mutex::new(VecDeque::new()),
+        queue: Mutex::new(Queue {
+            items: VecDeque::new(),
+            closed: false,
+        }),
         notify: Notify::new(),
         senders: AtomicUsize::new(1),
-        receiver_gone: AtomicBool::new(false),
         capacity,
     });
     (
@@ -91,14 +99,13 @@ impl<T> Sender<T> {
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
         {
             let mut queue = self.shared.queue();
-            // Read under the lock the receiver's drop takes: nothing is queued after it.
-            if self.shared.receiver_gone.load(Ordering::Acquire) {
+            if queue.closed {
                 return Err(TrySendError::Closed(item));
             }
-            if queue.len() >= self.shared.capacity {
+            if queue.items.len() >= self.shared.capacity {
                 return Err(TrySendError::Full(item));
             }
-            queue.push_back(item);
+            queue.items.push_back(item);
         }
         self.shared.notify.notify_one();
         Ok(())
@@ -128,16 +135,16 @@ impl<T> Receiver<T> {
         loop {
             {
                 let mut queue = self.shared.queue();
-                if let Some(item) = queue.pop_front() {
-                    if queue.is_empty() && queue.capacity() > KEPT_CAPACITY {
-                        *queue = VecDeque::new();
+                if let Some(item) = queue.items.pop_front() {
+                    if queue.items.is_empty() && queue.items.capacity() > KEPT_CAPACITY {
+                        queue.items = VecDeque::new();
                     }
                     return Some(item);
                 }
             }
             if self.shared.senders.load(Ordering::Acquire) == 0 {
                 // A send may have landed between the check above and the last sender's drop.
-                return self.shared.queue().pop_front();
+                return self.shared.queue().items.pop_front();
             }
             // notify_one keeps a permit when nobody waits, so a send between the check above
             // and this await still wakes it.
@@ -150,8 +157,8 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let queued = {
             let mut queue = self.shared.queue();
-            self.shared.receiver_gone.store(true, Ordering::Release);
-            std::mem::take(&mut *queue)
+            queue.closed = true;
+            std::mem::take(&mut queue.items)
         };
         // What was queued goes now (outside the lock), not when the last sender does.
         drop(queued);
@@ -221,6 +228,6 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(rx.recv().await, Some(i));
         }
-        assert_eq!(rx.shared.queue().capacity(), 0);
+        assert_eq!(rx.shared.queue().items.capacity(), 0);
     }
 }
